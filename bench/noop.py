@@ -1,0 +1,38 @@
+"""How long an up-to-date `lorabuild run specs/example.yaml` takes (issue #2: under 0.3 s).
+
+Trains the example once, then runs it again RUNS times as fresh processes (interpreter start-up
+included) and prints the median wall time. Also checks that no task ran.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+from _common import lorabuild, median, scratch_project
+
+RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+
+
+def main() -> None:
+    root = scratch_project()
+    try:
+        _, first = lorabuild(root, "run", "specs/example.yaml")
+        if first.returncode != 0:
+            raise SystemExit(f"first run failed:\n{first.stdout}\n{first.stderr}")
+        times = []
+        for _ in range(RUNS):
+            seconds, done = lorabuild(root, "run", "specs/example.yaml")
+            if done.returncode != 0 or "nothing to do" not in done.stdout:
+                raise SystemExit(f"the up-to-date run did work:\n{done.stdout}\n{done.stderr}")
+            times.append(seconds)
+        print(
+            f"up-to-date run: median {median(times) * 1000:.0f} ms wall over {RUNS} runs "
+            f"(min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms)"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

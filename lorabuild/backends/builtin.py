@@ -1,0 +1,258 @@
+"""The builtin backend: lorabuild's own PyTorch trainer (`python -m lorabuild.trainer`).
+
+Trains diffusers-format SD-1.x-architecture models (and the tiny demo model) on a CPU or a GPU.
+Its config is `backend/train.json`; its output is one JSON object per line. The contract is
+docs/trainer.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorabuild.backends import Checkpoint, Event, Launch
+from lorabuild.probe import PROBE_SOURCE
+
+if TYPE_CHECKING:
+    from lorabuild.plan import Issue, Plan
+
+FAMILIES = ("sd15",)
+OPTIMIZERS = ("adamw", "lion", "prodigy", "adafactor")
+# Training settings this trainer honours; a spec that sets any other one is told so.
+SETTINGS = (
+    "learning_rate",
+    "epochs",
+    "max_train_steps",
+    "batch_size",
+    "gradient_accumulation",
+    "resolution",
+    "rank",
+    "alpha",
+    "optimizer",
+    "optimizer_args",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "seed",
+    "noise_offset",
+    "flip_aug",
+    "save_precision",
+)
+CONFIG_FILE = "train.json"
+CONFIG_FORMAT = 1
+
+_OOM = re.compile(
+    r"OutOfMemoryError|CUDA out of memory|MemoryError|Cannot allocate memory|"
+    r"DefaultCPUAllocator: can't allocate memory|\"kind\": \"oom\"",
+)
+
+
+def adjust_settings(training: dict[str, Any], *, on_cpu: bool) -> list[tuple[str, Any, str]]:
+    changes: list[tuple[str, Any, str]] = []
+    mixed = training["mixed_precision"]
+    if on_cpu and mixed != "no":
+        changes.append(
+            (
+                "mixed_precision",
+                "no",
+                f"mixed precision {mixed} is for graphics cards; on this computer's "
+                "processor the builtin trainer uses full 32-bit precision",
+            )
+        )
+        mixed = "no"
+    # the trainer keeps the frozen base in the mixed-precision format (fp32 without it)
+    base = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed]
+    if training["base_precision"] != base:
+        changes.append(
+            (
+                "base_precision",
+                base,
+                f"the builtin trainer keeps the base model in {base} (it follows mixed precision {mixed})",
+            )
+        )
+    return changes
+
+
+def check_plan(plan: Plan) -> list[Issue]:
+    from lorabuild.plan import Issue
+
+    issues: list[Issue] = []
+    if plan.model.family not in FAMILIES:
+        issues.append(
+            Issue(
+                kind="backend",
+                field=("base_model", "family"),
+                message=f"the builtin trainer cannot train {plan.model.family} models",
+                fix="use `backend: kohya` (SD 1.5, SDXL, Pony, Flux), `simpletuner` (SDXL, Flux) or "
+                "`ai-toolkit` (SDXL, Flux) for this model",
+            )
+        )
+    if plan.training.optimizer not in OPTIMIZERS:
+        issues.append(
+            Issue(
+                kind="backend",
+                field=("training", "optimizer"),
+                message=f"the builtin trainer has no {plan.training.optimizer} optimizer",
+                fix=f"use one of {', '.join(OPTIMIZERS)} (adamw8bit needs an NVIDIA GPU and a CUDA backend)",
+            )
+        )
+    if plan.model.kind in ("file", "folder"):
+        issues.append(
+            Issue(
+                kind="backend",
+                field=("base_model", "path"),
+                message="the builtin trainer reads diffusers model folders (with a model_index.json), "
+                "not single model files",
+                fix="point `base_model.path` at a diffusers folder, or use `backend: kohya` for .safetensors files",
+            )
+        )
+    ignored = sorted(
+        key.removeprefix("training.")
+        for key, source in plan.sources.items()
+        if source == "spec" and key.startswith("training.") and key.removeprefix("training.") not in SETTINGS
+    )
+    if ignored:
+        issues.append(
+            Issue(
+                kind="backend",
+                field=("training", ignored[0]),
+                message=f"the builtin trainer does not use {', '.join(f'`{k}`' for k in ignored)}",
+                fix="remove them from the spec, or choose a backend that uses them (kohya has them all)",
+            )
+        )
+    if plan.compute.target != "local":
+        issues.append(
+            Issue(
+                kind="unavailable",
+                field=("compute", "target"),
+                message=f"training on {plan.compute.target} machines is not built yet",
+                fix="use `compute: {target: local}` for now",
+            )
+        )
+    return issues
+
+
+def settings(plan: Plan) -> tuple[str, ...]:
+    return SETTINGS
+
+
+def render_config(plan: Plan) -> dict[str, str]:
+    run = Path(plan.run_dir)
+    t = plan.training
+    config = {
+        "format": CONFIG_FORMAT,
+        "name": plan.name,
+        "model": {"path": plan.model.path, "demo": plan.model.demo, "family": plan.model.family},
+        "dataset": {
+            "path": plan.dataset.path,
+            "caption_extension": plan.dataset.caption_extension,
+            "repeats": plan.dataset.repeats,
+            "images": plan.dataset.images,
+        },
+        "training": {
+            "learning_rate": t.learning_rate,
+            "epochs": plan.steps.epochs,
+            "max_train_steps": t.max_train_steps,
+            "batch_size": t.batch_size,
+            "gradient_accumulation": t.gradient_accumulation,
+            "resolution": t.resolution,
+            "rank": t.rank,
+            "alpha": t.alpha,
+            "optimizer": t.optimizer,
+            "optimizer_args": t.optimizer_args,
+            "lr_scheduler": t.lr_scheduler,
+            "lr_warmup_steps": t.lr_warmup_steps,
+            "mixed_precision": t.mixed_precision,
+            "gradient_checkpointing": t.gradient_checkpointing,
+            "seed": t.seed,
+            "noise_offset": t.noise_offset,
+            "flip_aug": t.flip_aug,
+            # the trainer names full precision as kohya does
+            "save_precision": "float" if t.save_precision == "fp32" else t.save_precision,
+        },
+        "checkpoints": {
+            "every_n_epochs": plan.checkpoints.every_n_epochs,
+            "keep_last": plan.checkpoints.keep_last,
+        },
+        "output": {
+            "dir": str(run),
+            "lora": str(run / f"{plan.name}.safetensors"),
+            "checkpoints": str(run / "checkpoints"),
+        },
+        "resume_key": plan.resume_key,
+        "device": "auto",
+        "threads": None,
+        "metadata": {
+            "ss_sd_model_name": plan.model.demo or Path(plan.model.path).name,
+            "lorabuild_preset": plan.preset,
+        },
+    }
+    return {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True) + "\n"}
+
+
+def launch(
+    plan: Plan,
+    config_dir: Path,
+    *,
+    max_steps: int | None = None,
+    resume: bool = True,
+    lora_out: Path | None = None,
+    batch_size: int | None = None,
+    gradient_accumulation: int | None = None,
+) -> Launch:
+    argv = [plan.backend.python, "-m", "lorabuild.trainer", str(config_dir / CONFIG_FILE)]
+    if max_steps is not None:
+        argv += ["--max-steps", str(max_steps), "--no-checkpoints"]
+    if not resume:
+        argv.append("--no-resume")
+    if lora_out is not None:
+        argv += ["--lora-out", str(lora_out)]
+    if batch_size is not None:
+        argv += ["--batch-size", str(batch_size)]
+    if gradient_accumulation is not None:
+        argv += ["--gradient-accumulation", str(gradient_accumulation)]
+    # the trainer must import this very lorabuild, wherever the working folder is
+    package_root = str(Path(__file__).resolve().parents[2])
+    existing = os.environ.get("PYTHONPATH")
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": package_root + (os.pathsep + existing if existing else ""),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "DIFFUSERS_VERBOSITY": "error",
+    }
+    return Launch(argv=argv, cwd=Path(plan.run_dir), env=env)
+
+
+def parse_log_line(line: str) -> Event | None:
+    text = line.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("event"), str):
+        return None
+    kind = data.pop("event")
+    return Event(kind, data)
+
+
+def is_out_of_memory(text: str) -> bool:
+    return bool(_OOM.search(text))
+
+
+def checkpoints(plan: Plan, run_dir: Path) -> list[Checkpoint]:
+    from lorabuild.trainer.checkpoints import list_checkpoints  # light: no torch
+
+    return [
+        Checkpoint(c.path, c.step, c.epoch, c.lora, c.resume_key) for c in list_checkpoints(run_dir / "checkpoints")
+    ]
+
+
+def probe_command(plan: Plan) -> list[str]:
+    return [plan.backend.python, "-c", PROBE_SOURCE, "diffusers", "transformers", "safetensors"]

@@ -1,0 +1,395 @@
+"""Gate 3 — environment: the GPU, CUDA, PyTorch, the backend and the disk (workflow.md Phase 8).
+
+One implementation serves the gate and `lorabuild env`. It reads the GPUs through NVML, probes
+the backend's *own* Python in a subprocess for its torch/CUDA build, checks free disk against
+what the run will write, and reports each finding in plain language. It only reads, so it is
+safe to re-run at any time (after an SSH drop, say). It passes on a CPU-only machine for the
+builtin backend only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lorabuild import backends, presets
+from lorabuild.estimate import BYTES_PER_PARAM, lora_parameters
+from lorabuild.fsutil import atomic_write_json, atomic_write_text, free_bytes
+from lorabuild.gates import GateContext, GateFailed
+from lorabuild.glossary import Explainer
+from lorabuild.plan import Plan
+from lorabuild.studio import GpuReport
+
+TITLE = "Gate 3 — environment"
+PROBE_TIMEOUT_S = 180
+DISK_MARGIN_BYTES = 1_000_000_000  # logs, caches and a little room to breathe
+GB = 1e9
+
+# reference/vram.md §3.3: minimum driver for each CUDA major version (Linux)
+MIN_DRIVER_FOR_CUDA = {11: (450, 80), 12: (525, 60), 13: (580, 65)}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    message: str
+    fix: str = ""
+    warning: bool = False  # passes, but the artist should know
+
+
+def targets(ctx: GateContext) -> list[Path]:
+    return [ctx.run.environment_md, ctx.run.environment_json]
+
+
+def inputs(ctx: GateContext) -> dict[str, Any]:
+    plan = ctx.plan
+    return {
+        # sizes, not contents: editing a caption must not re-check the machine
+        **plan.pick(("backend", "compute", "model.bytes", "estimates.memory_needed_gb")),
+        "dataset_images": len(plan.dataset.images),
+        "machine": ctx.environment_stamp,
+    }
+
+
+def file_deps(ctx: GateContext) -> list[Path]:
+    return []
+
+
+def environment_stamp(ctx: GateContext) -> dict[str, Any]:
+    """Cheap identity of the machine and the backend's torch: no import, no subprocess."""
+    return {
+        "hostname": ctx.machine.hostname,
+        **ctx.machine.gpus.fingerprint(),
+        "backend_torch": torch_stamp(ctx.plan.backend.python),
+    }
+
+
+def torch_stamp(python: str) -> dict[str, str | None] | None:
+    """torch's version and CUDA build from its version.py in the environment of `python`."""
+    version_file = _torch_version_file(python)
+    if version_file is None:
+        return None
+    try:
+        text = version_file.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    version = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)", text, re.M)
+    cuda = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)", text, re.M)
+    return {"version": version.group(1) if version else None, "cuda": cuda.group(1) if cuda else None}
+
+
+def _torch_version_file(python: str) -> Path | None:
+    import sys
+
+    if Path(python) == Path(sys.executable):
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    exe = shutil.which(python)
+    if exe is None:
+        return None
+    prefix = Path(exe).parent.parent
+    for candidate in sorted(prefix.glob("lib/python3*/site-packages/torch/version.py")):
+        return candidate
+    return None
+
+
+def probe(plan: Plan) -> dict[str, Any]:
+    """Run the probe with the backend's Python; a dict with `error` when it cannot run."""
+    argv = backends.probe_command(plan)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
+    except FileNotFoundError:
+        return {"error": f"the backend's Python was not found: {argv[0]}"}
+    except subprocess.TimeoutExpired:
+        return {"error": f"the backend's Python did not answer within {PROBE_TIMEOUT_S} seconds"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                result: dict[str, Any] = json.loads(line)
+                return result
+            except json.JSONDecodeError:
+                break
+    return {"error": f"the backend's Python failed to start (exit {done.returncode}): {done.stderr.strip()[-300:]}"}
+
+
+def lora_bytes(plan: Plan) -> int:
+    demo = presets.DEMO_MODELS.get(plan.model.demo or "")
+    params = lora_parameters(plan.model.family, plan.training.rank, demo)
+    return int(params * BYTES_PER_PARAM.get(plan.training.save_precision, 2.0))
+
+
+def disk_needed(plan: Plan, dataset_bytes: int = 0) -> int:
+    """Bytes the run will write: final LoRA, kept checkpoints with resume state, and margin."""
+    lora = lora_bytes(plan)
+    state = lora * 4  # LoRA weights plus optimizer state in fp32
+    needed = lora + (plan.checkpoints.keep_last + 1) * (lora + state) + DISK_MARGIN_BYTES
+    if plan.model.demo:
+        needed += plan.model.bytes  # created on first use
+    if plan.compute.target != "local":
+        needed += plan.model.bytes + dataset_bytes
+    return needed
+
+
+def check_environment(
+    plan: Plan, gpus: GpuReport, where: Path, facts: dict[str, Any] | None = None
+) -> tuple[list[Check], dict[str, Any]]:
+    """Every environment check for `plan` on this machine, and the facts they were made from."""
+    facts = facts if facts is not None else probe(plan)
+    checks: list[Check] = []
+    needs_gpu = plan.backend.name != "builtin"
+    best = max(gpus.gpus, key=lambda g: g.total_gb) if gpus.gpus else None
+
+    if best is not None:
+        more = f" (and {len(gpus.gpus) - 1} more)" if len(gpus.gpus) > 1 else ""
+        need = plan.estimates.memory_needed_gb
+        enough = best.total_gb >= need
+        verdict = (
+            "plenty for this training"
+            if best.total_gb >= need * 1.5
+            else ("enough for this training" if enough else f"not enough: this training needs about {need:g} GB")
+        )
+        checks.append(
+            Check(
+                "gpu",
+                enough,
+                f"Your {best.name}{more} has {best.total_gb:.0f} GB VRAM — {verdict}",
+                "" if enough else "lower the batch size, resolution or rank, or use a bigger GPU",
+            )
+        )
+    elif needs_gpu:
+        checks.append(
+            Check(
+                "gpu",
+                False,
+                f"Problem: {gpus.problem}. The {plan.backend.name} backend needs an NVIDIA GPU",
+                "train on a machine with an NVIDIA GPU (compute: ssh, runpod or vastai), "
+                "or use `backend: builtin` for a test on this processor",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "gpu",
+                True,
+                f"{gpus.problem[:1].upper()}{gpus.problem[1:]}. The builtin trainer will use this "
+                "computer's processor: fine for the demo model, very slow for real ones"
+                if gpus.problem
+                else "No GPU: training runs on the processor",
+                warning=True,
+            )
+        )
+
+    if facts.get("error"):
+        checks.append(
+            Check(
+                "python",
+                False,
+                f"Problem: {facts['error']}",
+                "check `backend.python` (or `backend.path`) in the spec points at the backend's environment",
+            )
+        )
+    elif not facts.get("torch"):
+        checks.append(
+            Check(
+                "pytorch",
+                False,
+                f"Problem: PyTorch is not installed for {facts.get('executable')} "
+                f"({facts.get('torch_error', 'import failed')})",
+                "install it in that environment, e.g. pip install torch==2.13.0",
+            )
+        )
+    else:
+        checks.extend(_cuda_checks(plan, gpus, facts, needs_gpu))
+
+    modules = facts.get("modules") or {}
+    missing = [name for name, version in modules.items() if version is None]
+    if not facts.get("error"):
+        if missing:
+            checks.append(
+                Check(
+                    "backend",
+                    False,
+                    f"Problem: the {plan.backend.name} backend is not fully installed: "
+                    f"{', '.join(missing)} cannot be imported",
+                    f"install them in {facts.get('executable')}: pip install {' '.join(missing)}",
+                )
+            )
+        else:
+            shown = ", ".join(f"{k} {v}" for k, v in modules.items())
+            checks.append(Check("backend", True, f"The {plan.backend.name} backend is installed ({shown})"))
+
+    free = free_bytes(where)
+    needed = disk_needed(plan)
+    enough_disk = free >= needed
+    checks.append(
+        Check(
+            "disk",
+            enough_disk,
+            f"You have {free / GB:.0f} GB free disk — need about {needed / GB:.1f} GB for checkpoints, "
+            "the final LoRA and working files"
+            if enough_disk
+            else f"Problem: only {free / GB:.1f} GB free disk, but the run needs about {needed / GB:.1f} GB",
+            "" if enough_disk else "free some disk space or lower `checkpoints.keep_last`",
+        )
+    )
+    record = {
+        "gpus": [asdict(g) for g in gpus.gpus],
+        "gpu_problem": gpus.problem,
+        "driver": gpus.driver,
+        "cuda_driver": gpus.cuda_driver,
+        "backend": {"name": plan.backend.name, "python": plan.backend.python, "probe": facts},
+        "disk": {"free_bytes": free, "needed_bytes": needed, "where": str(where)},
+        "checks": [asdict(c) for c in checks],
+        "passed": all(c.ok for c in checks),
+    }
+    return checks, record
+
+
+def _cuda_checks(plan: Plan, gpus: GpuReport, facts: dict[str, Any], needs_gpu: bool) -> list[Check]:
+    torch_version = str(facts["torch"]).split("+")[0]
+    torch_cuda = facts.get("torch_cuda")
+    short = ".".join(torch_version.split(".")[:2])
+    if not gpus.gpus:
+        where = "with CUDA " + torch_cuda if torch_cuda else "for processors only"
+        return [Check("pytorch", True, f"PyTorch {short} is installed ({where})")]
+    if not torch_cuda:
+        return [
+            Check(
+                "cuda",
+                not needs_gpu,
+                f"{'Problem' if needs_gpu else 'Note'}: PyTorch {short} was built "
+                "without CUDA, so it cannot use your GPU",
+                "install a CUDA build of PyTorch, e.g. pip install torch --index-url "
+                "https://download.pytorch.org/whl/cu128",
+                warning=not needs_gpu,
+            )
+        ]
+    checks: list[Check] = []
+    major = int(torch_cuda.split(".")[0])
+    driver = gpus.driver or ""
+    driver_parts = tuple(int(p) for p in re.findall(r"\d+", driver)[:2]) or (0,)
+    minimum = MIN_DRIVER_FOR_CUDA.get(major)
+    if minimum and driver_parts < minimum:
+        checks.append(
+            Check(
+                "cuda",
+                False,
+                f"Problem: PyTorch {short} needs CUDA {torch_cuda}, which needs NVIDIA "
+                f"driver {minimum[0]}.{minimum[1]} or newer, but you have {driver}",
+                f"update the NVIDIA driver, or install a PyTorch built for older CUDA "
+                f"(pip install torch=={torch_version}+cu{118 if major > 11 else 117})",
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "cuda",
+                True,
+                f"CUDA {torch_cuda} and PyTorch {short} are compatible with driver {driver} "
+                f"(supports CUDA up to {gpus.cuda_driver})",
+            )
+        )
+    arch_list = [str(a) for a in facts.get("arch_list") or []]
+    for gpu in gpus.gpus:
+        if gpu.capability is None or not arch_list:
+            continue
+        if not _arch_supported(gpu.capability, arch_list):
+            cap = f"sm_{gpu.capability[0]}{gpu.capability[1]}"
+            checks.append(
+                Check(
+                    "arch",
+                    False,
+                    f"Problem: your {gpu.name} ({cap}) is not supported by this PyTorch "
+                    f"build (it supports {', '.join(arch_list)})",
+                    "install PyTorch 2.7 or newer built for CUDA 12.8+ (cu128)",
+                )
+            )
+    if facts.get("cuda_available") is False and facts.get("cuda_error"):
+        checks.append(
+            Check(
+                "cuda",
+                False,
+                f"Problem: PyTorch cannot start CUDA: {facts['cuda_error']}",
+                "restart the machine; if it persists, reinstall the NVIDIA driver",
+            )
+        )
+    return checks
+
+
+def _arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    major, minor = capability
+    for arch in arch_list:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)a?", arch)
+        if not match:
+            continue
+        a_major, a_minor = int(match.group(2)), int(match.group(3))
+        if match.group(1) == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if match.group(1) == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def render_environment_md(plan: Plan, checks: list[Check], record: dict[str, Any]) -> str:
+    ex = Explainer()
+    lines = [
+        f"# Environment: {plan.name}",
+        "",
+        f"Checked for the {plan.backend.name} backend ({ex.first('backend')}).",
+        "",
+    ]
+    for check in checks:
+        mark = "✓" if check.ok and not check.warning else ("!" if check.ok else "✗")
+        lines.append(f"- {mark} {check.message}" + (f". Fix: {check.fix}" if check.fix and not check.ok else ""))
+    probe_facts = record["backend"]["probe"]
+    lines += ["", "## Details", ""]
+    lines.append(
+        f"- **GPU** ({ex.first('gpu')}): "
+        + (
+            ", ".join(f"{g['name']} {g['total_gb']:.1f} GB" for g in record["gpus"])
+            or f"none — {record['gpu_problem']}"
+        )
+    )
+    if record["driver"]:
+        lines.append(
+            f"- **NVIDIA driver** ({ex.first('driver')}): {record['driver']}, CUDA up to {record['cuda_driver']}"
+        )
+    lines.append(
+        f"- **Backend Python**: {probe_facts.get('executable', plan.backend.python)} "
+        f"(Python {probe_facts.get('python', '?')})"
+    )
+    lines.append(
+        f"- **PyTorch** ({ex.first('pytorch')}): {probe_facts.get('torch') or 'not installed'}, "
+        f"built for CUDA {probe_facts.get('torch_cuda') or 'none'} ({ex.first('cuda')})"
+    )
+    disk = record["disk"]
+    lines.append(
+        f"- **Disk**: {disk['free_bytes'] / GB:.1f} GB free at {disk['where']}, "
+        f"about {disk['needed_bytes'] / GB:.1f} GB needed"
+    )
+    lines += ["", "**Result**: " + ("passed" if record["passed"] else "failed"), ""]
+    return "\n".join(lines)
+
+
+def run(ctx: GateContext) -> None:
+    checks, record = check_environment(ctx.plan, ctx.machine.gpus, ctx.run.root)
+    atomic_write_json(ctx.run.environment_json, record)
+    atomic_write_text(ctx.run.environment_md, render_environment_md(ctx.plan, checks, record))
+    for check in checks:
+        (ctx.console.say if check.ok else ctx.console.fail)(f"  {check.message}")
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise GateFailed(
+            "the environment is not ready for this training",
+            "; ".join(c.fix for c in failed if c.fix) or "see environment.md",
+            [c.message for c in failed],
+        )

@@ -1,0 +1,192 @@
+"""Gate 10 — training: the planned epochs, checkpoints, progress, and the final LoRA.
+
+Asks for a final confirmation before GPU time or money is spent (never for the builtin trainer
+on a processor), starts the backend (resuming from the newest complete checkpoint made with the
+same settings), keeps progress.json / progress.md current from its output, and checks that the
+final `{name}.safetensors` was written. Checkpoints are not targets: a rerun must find them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lorabuild import backends
+from lorabuild.backends import Event
+from lorabuild.fsutil import remove_path
+from lorabuild.gates import GateContext, GateFailed
+from lorabuild.procs import run_streaming
+from lorabuild.progress import ProgressTracker
+
+TITLE = "Training"
+
+# Everything that changes the trained result; not checkpoint policy, monitor thresholds or estimates.
+READS = (
+    "name",
+    "backend",
+    "model",
+    "dataset.path",
+    "dataset.caption_extension",
+    "dataset.repeats",
+    "dataset.images",
+    "dataset.captions",
+    "training",
+    "steps",
+    "samples",
+    "compute.target",
+    "resume_key",
+)
+
+ERRORS: dict[str, str] = {
+    "oom": "training ran out of memory",
+    "nan": "the loss became NaN (not a number): training has failed",
+    "model_load": "the base model could not be loaded",
+    "dataset": "the dataset could not be read",
+    "caption": "a caption could not be read",
+    "config": "the backend rejected its config",
+}
+
+
+def targets(ctx: GateContext) -> list[Path]:
+    run = ctx.run
+    return [run.lora, run.train_log, run.progress_json, run.progress_md]
+
+
+def kept_targets() -> tuple[str, ...]:
+    """Targets not deleted when the gate starts: the log continues across a resume."""
+    return ("train.log",)
+
+
+def inputs(ctx: GateContext) -> dict[str, Any]:
+    return ctx.plan.pick(READS)
+
+
+def file_deps(ctx: GateContext) -> list[Path]:
+    return [*ctx.dataset.files, *ctx.model_files]
+
+
+def confirm(ctx: GateContext) -> None:
+    """workflow.md Phase 10 step 1: a summary and a yes/no before GPU time is spent."""
+    plan = ctx.plan
+    if plan.device.kind == "cpu" and plan.compute.target == "local":
+        return  # nothing is spent on a processor
+    summary = (
+        f"Ready to train {plan.name}: {len(plan.dataset.images)} pictures × {plan.dataset.repeats} repeats, "
+        f"{plan.steps.epochs} epochs ({plan.steps.total_steps} steps) on {plan.backend.name} with "
+        f"{plan.model.demo or Path(plan.model.path).name}. "
+        f"This will take approximately {plan.estimates.time_text.removeprefix('about ')} on your {plan.device.name}."
+    )
+    ctx.console.say(summary)
+    if ctx.options.yes:
+        return
+    if not ctx.options.interactive:
+        raise GateFailed(
+            "training needs your confirmation, and nobody is at the terminal to give it",
+            "run again with --yes to start training without asking",
+        )
+    if not click.confirm("Start training?", default=True):
+        raise GateFailed("you chose not to start training", "run again when you are ready")
+
+
+EARLIER = "earlier"  # checkpoints/earlier/: the last run made with other settings
+
+
+def set_aside_other_runs(ctx: GateContext) -> list[Path]:
+    """Move checkpoints made with other settings to checkpoints/earlier/ (replacing older ones).
+
+    They cannot be resumed, and new checkpoints would mix with them under the same names; an
+    artist may still want to try them, so the most recent set is kept, out of the way.
+    """
+    others = [c for c in backends.checkpoints(ctx.plan, ctx.run.dir) if c.resume_key != ctx.plan.resume_key]
+    if not others:
+        return []
+    earlier = ctx.run.checkpoints / EARLIER
+    remove_path(earlier)
+    earlier.mkdir(parents=True)
+    moved = []
+    for checkpoint in others:
+        target = earlier / checkpoint.path.name
+        os.replace(checkpoint.path, target)
+        moved.append(target)
+    return moved
+
+
+def run(ctx: GateContext) -> None:
+    plan = ctx.plan
+    confirm(ctx)
+    moved = set_aside_other_runs(ctx)
+    if moved:
+        ctx.console.say(
+            f"  {len(moved)} checkpoint(s) from a run with other settings moved to {ctx.run.checkpoints / EARLIER}"
+        )
+    existing = backends.checkpoints(plan, ctx.run.dir)
+    tracker = ProgressTracker(
+        name=plan.name,
+        json_path=ctx.run.progress_json,
+        md_path=ctx.run.progress_md,
+        epochs=plan.steps.epochs,
+        total_steps=plan.steps.total_steps,
+        device=plan.device.name,
+        ema_beta=plan.monitor.ema_beta,
+        notes=list(plan.adjustments),
+    )
+    tracker.know_checkpoints([c.path for c in existing])
+    tracker.write(force=True)
+    errors: list[dict[str, Any]] = []
+    last_report = [0.0]
+
+    def on_line(line: str) -> None:
+        event = backends.parse_log_line(plan, line)
+        if event is None:
+            return
+        tracker.handle(event)
+        if event.kind == "error":
+            errors.append(event.data)
+        _report(ctx, event, tracker, last_report)
+
+    launch = backends.launch(plan, ctx.run.backend_dir)
+    ctx.run.checkpoints.mkdir(parents=True, exist_ok=True)
+    mode = "a" if existing else "w"
+    with open(ctx.run.train_log, mode, encoding="utf-8") as log:
+        if existing:
+            log.write(f"\n# lorabuild: starting again; {len(existing)} checkpoint(s) on disk\n")
+        try:
+            finished = run_streaming(launch, log=log, on_line=on_line, pid_file=ctx.run.backend_pid)
+        except KeyboardInterrupt:
+            tracker.finish("STOPPED", "stopped before the end; run again to resume from the newest checkpoint")
+            raise
+    if finished.returncode != 0 or not ctx.run.lora.is_file():
+        kind = next((str(e.get("kind")) for e in errors if e.get("kind") in ERRORS), None)
+        if kind is None and backends.is_out_of_memory(plan, "\n".join(finished.tail)):
+            kind = "oom"
+        what = ERRORS.get(kind or "", f"the backend stopped with exit code {finished.returncode}")
+        details = [str(e.get("message")) for e in errors] or [t for t in finished.tail[-5:] if t.strip()]
+        tracker.finish("FAILED", what)
+        raise GateFailed(
+            f"Training failed — {what}",
+            f"read {ctx.run.train_log}; run again to resume from the newest checkpoint",
+            details,
+        )
+    tracker.finish("COMPLETE", f"the LoRA is at {ctx.run.lora}")
+    ctx.console.say(f"  Your LoRA is ready: {ctx.run.lora}")
+
+
+def _report(ctx: GateContext, event: Event, tracker: ProgressTracker, last: list[float]) -> None:
+    """A short line now and then, so a person sees training move."""
+    if event.kind == "resumed":
+        ctx.console.say(f"  Resuming from step {event.data.get('step')} (checkpoint found)")
+    elif event.kind == "checkpoint":
+        ctx.console.say(f"  Checkpoint saved: epoch {event.data.get('epoch')}")
+    elif event.kind == "epoch":
+        loss = tracker.loss_smoothed
+        shown = f", smoothed loss {loss:.4f}" if loss is not None else ""
+        ctx.console.say(f"  Epoch {event.data.get('epoch')}/{tracker.epochs} done{shown}")
+    elif event.kind == "step" and sys.stdout.isatty():
+        now = tracker.elapsed()
+        if now - last[0] >= 2:
+            last[0] = now
+            ctx.console.say(f"  step {tracker.step}/{tracker.total_steps}, loss {tracker.loss:.4f}")

@@ -1,0 +1,138 @@
+"""Where everything about one training lives: the paths of the run folder and of lorabuild's state.
+
+```
+grimoire/
+  studio.md, studio.json
+  models/                        demo models created here
+  training/{name}/               the run folder (DESIGN.md)
+  .lorabuild/                    doit state, locks, incomplete markers, failures, backend pids
+```
+
+The spec name is a slug (checked by the spec), and every path is also checked to stay inside
+the grimoire, so nothing from a spec can point outside it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorabuild.spec import NAME_PATTERN
+
+GATES: tuple[str, ...] = ("config", "environment", "dryrun", "train")
+
+
+class UnsafeName(ValueError):
+    """A run name that would leave the run folder."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """All paths for the training `name` under the grimoire `root`."""
+
+    root: Path
+    name: str
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(NAME_PATTERN, self.name):
+            raise UnsafeName(f"{self.name!r} is not a safe run name")
+        for path in (self.dir, self.state):
+            if not path.resolve().is_relative_to(self.root.resolve()):
+                raise UnsafeName(f"{self.name!r} would leave {self.root}")
+
+    # --- the run folder (targets) ---
+    @property
+    def dir(self) -> Path:
+        return self.root / "training" / self.name
+
+    @property
+    def config_md(self) -> Path:
+        return self.dir / "config.md"
+
+    @property
+    def plan_json(self) -> Path:
+        return self.dir / "plan.json"
+
+    @property
+    def backend_dir(self) -> Path:
+        return self.dir / "backend"
+
+    @property
+    def environment_md(self) -> Path:
+        return self.dir / "environment.md"
+
+    @property
+    def environment_json(self) -> Path:
+        return self.dir / "environment.json"
+
+    @property
+    def dryrun_log(self) -> Path:
+        return self.dir / "dryrun.log"
+
+    @property
+    def dryrun_ok(self) -> Path:
+        return self.dir / "dryrun.ok"
+
+    @property
+    def train_log(self) -> Path:
+        return self.dir / "train.log"
+
+    @property
+    def progress_md(self) -> Path:
+        return self.dir / "progress.md"
+
+    @property
+    def progress_json(self) -> Path:
+        return self.dir / "progress.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.dir / "samples"
+
+    @property
+    def lora(self) -> Path:
+        return self.dir / f"{self.name}.safetensors"
+
+    @property
+    def loss_png(self) -> Path:
+        return self.dir / "loss.png"
+
+    # --- lorabuild's own state ---
+    @property
+    def state_root(self) -> Path:
+        return self.root / ".lorabuild"
+
+    @property
+    def state(self) -> Path:
+        return self.state_root / "runs" / self.name
+
+    @property
+    def doit_db(self) -> Path:
+        return self.state_root / "doit.sqlite"
+
+    @property
+    def lock(self) -> Path:
+        return self.state / "lock"
+
+    @property
+    def backend_pid(self) -> Path:
+        return self.state / "backend.pid"
+
+    def incomplete_marker(self, gate: str) -> Path:
+        return self.state / "incomplete" / gate
+
+    def failure_record(self, gate: str) -> Path:
+        return self.state / "failed" / f"{gate}.json"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def task_name(self, gate: str) -> str:
+        """doit task name: one database serves every spec of a grimoire, so names carry the spec."""
+        return f"{self.name}:{gate}"
