@@ -96,6 +96,10 @@ class Explainer:
         self.seen.add(term)
         return TERMS[term]
 
+    def lines_given(self) -> list[str]:
+        """The explanations already given in this piece of output."""
+        return [TERMS[t] for t in self.seen]
+
     def label(self, term: str, shown: str | None = None) -> str:
         """`shown` (default: the term) followed by its explanation in brackets the first time."""
         text = shown or term.replace("_", " ")

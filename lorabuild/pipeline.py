@@ -495,7 +495,7 @@ def _checkpoint_steps(ctx: GateContext) -> list[int]:
 
     if ctx.plan.backend.name not in backends.IMPLEMENTED:
         return []
-    return [c.step for c in backends.checkpoints(ctx.plan, ctx.run.dir)]
+    return [c.step for c in backends.checkpoints(ctx.plan, ctx.run.checkpoints)]
 
 
 # --- dodo.py --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ handed to the caller line by line.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from lorabuild.backends import Launch
-from lorabuild.fsutil import atomic_write_json
+from lorabuild.fsutil import atomic_write_json, atomic_write_text
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_SECONDS = 30.0
@@ -96,6 +97,8 @@ def run_streaming(
     """
     env = {**os.environ, **launch.env, "LORABUILD_PARENT_PID": str(os.getpid())}
     started = time.monotonic()
+    for path, text in launch.files.items():
+        atomic_write_text(path, text)
     proc = subprocess.Popen(
         launch.argv,
         cwd=launch.cwd,
@@ -103,10 +106,7 @@ def run_streaming(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        bufsize=1,
+        bufsize=0,
         start_new_session=True,
         preexec_fn=_child_setup(memory_limit_bytes),
     )
@@ -115,13 +115,20 @@ def run_streaming(
         {"pid": proc.pid, "pgid": proc.pid, "start": _proc_start_time(proc.pid), "argv": launch.argv[:4]},
     )
     tail: list[str] = []
+    splitter = LineSplitter()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
+        fd = proc.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            log.write(decoder.decode(chunk))
             log.flush()
-            tail.append(line.rstrip("\n"))
-            del tail[:-tail_lines]
+            for line in splitter.feed(chunk):
+                tail.append(line)
+                del tail[:-tail_lines]
+                on_line(line)
+        for line in splitter.feed(b"", end=True):
+            tail.append(line)
             on_line(line)
         proc.wait()
     except BaseException:
@@ -134,7 +141,25 @@ def run_streaming(
     return Finished(proc.returncode, time.monotonic() - started, tail)
 
 
-def stop_group(pgid: int, proc: subprocess.Popen[str] | None = None, grace: float = STOP_GRACE_SECONDS) -> None:
+class LineSplitter:
+    """Split a byte stream into text lines on \\n and on \\r (progress bars redraw with \\r).
+
+    A line is handed on as soon as its end arrives, so a tqdm update is seen at once rather
+    than when the next one is drawn. Blank lines are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes, end: bool = False) -> list[str]:
+        data = self._rest + chunk
+        parts = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._rest = b"" if end else parts.pop()
+        # a trailing \r may be half of a \r\n still to come: that only ever yields a blank line
+        return [text for part in parts if (text := part.decode("utf-8", errors="replace").strip())]
+
+
+def stop_group(pgid: int, proc: subprocess.Popen[bytes] | None = None, grace: float = STOP_GRACE_SECONDS) -> None:
     """SIGTERM the whole process group, wait up to `grace` seconds, then SIGKILL it."""
     try:
         os.killpg(pgid, signal.SIGTERM)

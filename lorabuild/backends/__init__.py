@@ -1,12 +1,15 @@
 """The backend interface: one module per trainer, the same small set of functions, dispatched by name.
 
-Each backend module (`lorabuild/backends/<name>.py`) provides exactly the functions below, with
-the same signatures (after the leading `plan`). Nothing outside `backends/` knows a backend's
-file formats, command lines or log lines. Modules import nothing heavy at import time, so every
-backend can be planned, validated and checked without its dependencies installed.
+Each backend module (`lorabuild/backends/<name>.py`, `-` in a name becomes `_`) provides exactly
+the functions below, with the same signatures minus the dispatching `plan`/`name` argument where
+noted, and the constant `FAMILIES` (the model families it can train). Nothing outside
+`backends/` knows a backend's file formats, command lines or log lines. Modules import nothing
+heavy at import time, so every backend can be planned, validated and checked without its own
+dependencies installed.
 
-Available in this version: `builtin`. kohya, SimpleTuner and ai-toolkit are valid names in a
-spec, and Gate 2 says plainly that lorabuild cannot run them yet.
+Where things go. `output_dir` is the folder a backend writes everything into — its checkpoints
+and its final LoRA: `grimoire/training/{name}/checkpoints/` for training, a scratch folder for
+the dry run. The train gate moves the final LoRA to `{name}.safetensors` in the run folder.
 """
 
 from __future__ import annotations
@@ -30,11 +33,19 @@ class Launch:
     argv: list[str]
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)  # added to lorabuild's own environment
+    files: dict[Path, str] = field(default_factory=dict)  # written (atomically) before starting
 
 
 @dataclass(frozen=True)
 class Event:
-    """One thing a backend's output said, in lorabuild's words (see docs/trainer.md for kinds)."""
+    """One thing a backend's output said, in lorabuild's words.
+
+    Kinds and fields (docs/trainer.md has the full list): `step` (step, total_steps, epoch,
+    epochs, loss, lr), `epoch` (epoch, epochs, mean_loss), `checkpoint` (path, step, epoch),
+    `resumed` (step, epoch), `model_loaded`, `dataset` (images, total_steps), `saved` (path),
+    `done`, `warning` (message), `error` (kind: config | model_load | dataset | caption | oom |
+    nan | cuda | not_installed | internal, message).
+    """
 
     kind: str
     data: dict[str, Any] = field(default_factory=dict)
@@ -48,7 +59,32 @@ class Checkpoint:
     step: int
     epoch: int
     lora: Path | None
-    resume_key: str | None  # the settings it was made with (plan.resume_key)
+    resume_key: str | None = None  # the settings it was made with, when the backend records them
+
+
+@dataclass(frozen=True)
+class ConfigLine:
+    """One setting of a generated config file, explained for config.md."""
+
+    file: str
+    key: str
+    value: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Installation:
+    """Whether the backend is installed where the spec says, and which version."""
+
+    ok: bool
+    message: str  # plain language, e.g. "kohya-ss sd-scripts v0.10.1 at ~/sd-scripts"
+    fix: str = ""
+    version: str | None = None
+    entry_point: str | None = None
+
+
+def module_name(name: str) -> str:
+    return IMPLEMENTED[name]
 
 
 def _module(name: str) -> ModuleType:
@@ -56,6 +92,17 @@ def _module(name: str) -> ModuleType:
         return importlib.import_module(IMPLEMENTED[name])
     except KeyError:
         raise NotImplementedError(f"lorabuild cannot run the {name} backend yet") from None
+
+
+def families(name: str) -> tuple[str, ...]:
+    """The model families a backend can train."""
+    found: tuple[str, ...] = _module(name).FAMILIES
+    return found
+
+
+def supporting(family: str) -> list[str]:
+    """Names of the implemented backends that can train `family` (for Gate 2's advice)."""
+    return [name for name in IMPLEMENTED if family in families(name)]
 
 
 def adjust_settings(name: str, training: dict[str, Any], *, on_cpu: bool) -> list[tuple[str, Any, str]]:
@@ -70,10 +117,9 @@ def adjust_settings(name: str, training: dict[str, Any], *, on_cpu: bool) -> lis
 
 
 def check_plan(plan: Plan) -> list[Issue]:
-    """Problems that make this plan impossible for its backend (family, optimizer, model format).
-
-    Every backend answers, including the ones not built yet (with one issue saying so).
-    """
+    """Problems that make this plan impossible for its backend (family, optimizer, model format,
+    cross-field rules that cannot be fixed silently). Every backend name answers, including the
+    ones not built yet (with one issue saying so)."""
     if plan.backend.name not in IMPLEMENTED:
         from lorabuild.plan import Issue
 
@@ -82,12 +128,41 @@ def check_plan(plan: Plan) -> list[Issue]:
                 kind="unavailable",
                 field=("backend",),
                 message=f"this version of lorabuild cannot run the {plan.backend.name} backend yet "
-                "(only the builtin trainer is ready)",
-                fix="use `backend: builtin` for now; kohya, SimpleTuner and ai-toolkit support is being built",
+                f"(ready: {', '.join(IMPLEMENTED)})",
+                fix="use `backend: builtin` for now",
             )
         ]
     issues: list[Issue] = _module(plan.backend.name).check_plan(plan)
+    issues.extend(_unused_settings(plan))
     return issues
+
+
+def _unused_settings(plan: Plan) -> list[Issue]:
+    """A setting the spec gives that the backend would silently ignore is a mistake to report."""
+    from lorabuild.plan import Issue
+
+    used = settings(plan)
+    ignored = sorted(
+        key.removeprefix("training.")
+        for key, source in plan.sources.items()
+        if source == "spec" and key.startswith("training.") and key.removeprefix("training.") not in used
+    )
+    if not ignored:
+        return []
+    others = [n for n in IMPLEMENTED if n != plan.backend.name and all(k in settings_of(n, plan) for k in ignored)]
+    return [
+        Issue(
+            kind="backend",
+            field=("training", ignored[0]),
+            message=f"the {plan.backend.name} backend does not use {', '.join(f'`{k}`' for k in ignored)}",
+            fix="remove them from the spec" + (f", or use a backend that does ({', '.join(others)})" if others else ""),
+        )
+    ]
+
+
+def settings_of(name: str, plan: Plan) -> tuple[str, ...]:
+    used: tuple[str, ...] = _module(name).settings(plan)
+    return used
 
 
 def settings(plan: Plan) -> tuple[str, ...]:
@@ -97,38 +172,59 @@ def settings(plan: Plan) -> tuple[str, ...]:
 
 
 def render_config(plan: Plan) -> dict[str, str]:
-    """The backend's own config files, as {file name inside backend/: text}."""
+    """The backend's own config files, as {file name inside backend/: text}. Pure."""
     files: dict[str, str] = _module(plan.backend.name).render_config(plan)
     return files
+
+
+def describe_config(plan: Plan) -> list[ConfigLine]:
+    """Every setting of the rendered files with a plain-language line (for config.md)."""
+    lines: list[ConfigLine] = _module(plan.backend.name).describe_config(plan)
+    return lines
 
 
 def launch(
     plan: Plan,
     config_dir: Path,
+    output_dir: Path,
     *,
     max_steps: int | None = None,
     resume: bool = True,
-    lora_out: Path | None = None,
     batch_size: int | None = None,
     gradient_accumulation: int | None = None,
 ) -> Launch:
-    """The command that trains (or, with `max_steps`, runs the short dry-run variant)."""
+    """The command that trains into `output_dir`: resuming from its newest checkpoint when
+    `resume`; with `max_steps`, the short dry-run variant (no checkpoints, no resume); with
+    `batch_size`/`gradient_accumulation`, the out-of-memory retry (same effective batch)."""
     result: Launch = _module(plan.backend.name).launch(
         plan,
         config_dir,
+        output_dir,
         max_steps=max_steps,
         resume=resume,
-        lora_out=lora_out,
         batch_size=batch_size,
         gradient_accumulation=gradient_accumulation,
     )
     return result
 
 
-def parse_log_line(plan: Plan, line: str) -> Event | None:
-    """The event one line of the backend's output stands for, if any."""
-    event: Event | None = _module(plan.backend.name).parse_log_line(line)
-    return event
+def parse_log_line(plan: Plan, line: str) -> list[Event]:
+    """The events one line of the backend's console output stands for (lines are split on \\n
+    and \\r, stripped, never empty)."""
+    events: list[Event] = _module(plan.backend.name).parse_log_line(line)
+    return events
+
+
+def metrics_files(plan: Plan, output_dir: Path) -> list[Path]:
+    """Structured metrics files the backend appends to while training (followed by the monitor)."""
+    paths: list[Path] = _module(plan.backend.name).metrics_files(plan, output_dir)
+    return paths
+
+
+def parse_metrics_line(plan: Plan, path: Path, line: str) -> list[Event]:
+    """The events one line of a metrics file stands for."""
+    events: list[Event] = _module(plan.backend.name).parse_metrics_line(path, line)
+    return events
 
 
 def is_out_of_memory(plan: Plan, text: str) -> bool:
@@ -137,13 +233,32 @@ def is_out_of_memory(plan: Plan, text: str) -> bool:
     return found
 
 
-def checkpoints(plan: Plan, run_dir: Path) -> list[Checkpoint]:
-    """Complete checkpoints in the run folder, oldest first."""
-    found: list[Checkpoint] = _module(plan.backend.name).checkpoints(plan, run_dir)
+def checkpoints(plan: Plan, output_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    found: list[Checkpoint] = _module(plan.backend.name).checkpoints(plan, output_dir)
     return found
 
 
+def final_lora(plan: Plan, output_dir: Path) -> Path:
+    """Where the backend leaves the finished LoRA in `output_dir` (it may not exist)."""
+    path: Path = _module(plan.backend.name).final_lora(plan, output_dir)
+    return path
+
+
+def prune_checkpoints(plan: Plan, output_dir: Path) -> list[Path]:
+    """Remove all but the newest `plan.checkpoints.keep_last` checkpoints; what was removed."""
+    removed: list[Path] = _module(plan.backend.name).prune_checkpoints(plan, output_dir)
+    return removed
+
+
 def probe_command(plan: Plan) -> list[str]:
-    """argv that prints, as JSON, the backend environment's torch/CUDA facts and its own version."""
+    """argv that prints, as JSON, the backend environment's torch/CUDA facts (lorabuild.probe)."""
     argv: list[str] = _module(plan.backend.name).probe_command(plan)
     return argv
+
+
+def installation(plan: Plan) -> Installation:
+    """Whether the backend's entry point is where the spec says, and its version. Cheap: no
+    process is started, only files are looked at."""
+    found: Installation = _module(plan.backend.name).installation(plan)
+    return found

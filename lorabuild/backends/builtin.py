@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorabuild.backends import Checkpoint, Event, Launch
+from lorabuild.backends import Checkpoint, ConfigLine, Event, Installation, Launch
+from lorabuild.glossary import TERMS, explain
 from lorabuild.probe import PROBE_SOURCE
 
 if TYPE_CHECKING:
@@ -110,20 +111,6 @@ def check_plan(plan: Plan) -> list[Issue]:
                 fix="point `base_model.path` at a diffusers folder, or use `backend: kohya` for .safetensors files",
             )
         )
-    ignored = sorted(
-        key.removeprefix("training.")
-        for key, source in plan.sources.items()
-        if source == "spec" and key.startswith("training.") and key.removeprefix("training.") not in SETTINGS
-    )
-    if ignored:
-        issues.append(
-            Issue(
-                kind="backend",
-                field=("training", ignored[0]),
-                message=f"the builtin trainer does not use {', '.join(f'`{k}`' for k in ignored)}",
-                fix="remove them from the spec, or choose a backend that uses them (kohya has them all)",
-            )
-        )
     if plan.compute.target != "local":
         issues.append(
             Issue(
@@ -194,23 +181,56 @@ def render_config(plan: Plan) -> dict[str, str]:
     return {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
 
+def describe_config(plan: Plan) -> list[ConfigLine]:
+    data = json.loads(render_config(plan)[CONFIG_FILE])
+    lines = [
+        ConfigLine(CONFIG_FILE, "model.path", str(data["model"]["path"]), explain("base_model")),
+        ConfigLine(CONFIG_FILE, "dataset.path", str(data["dataset"]["path"]), explain("dataset")),
+        ConfigLine(CONFIG_FILE, "dataset.repeats", str(data["dataset"]["repeats"]), explain("repeats")),
+        ConfigLine(CONFIG_FILE, "dataset.images", f"{len(data['dataset']['images'])} pictures", explain("dataset")),
+    ]
+    for key, value in data["training"].items():
+        term = key if key in TERMS else None
+        if term:
+            lines.append(ConfigLine(CONFIG_FILE, f"training.{key}", json.dumps(value), explain(term)))
+    lines.append(
+        ConfigLine(
+            CONFIG_FILE,
+            "checkpoints.every_n_epochs",
+            str(data["checkpoints"]["every_n_epochs"]),
+            explain("every_n_epochs"),
+        )
+    )
+    lines.append(
+        ConfigLine(CONFIG_FILE, "checkpoints.keep_last", str(data["checkpoints"]["keep_last"]), explain("keep_last"))
+    )
+    lines.append(
+        ConfigLine(
+            CONFIG_FILE,
+            "resume_key",
+            data["resume_key"],
+            "fingerprint of the settings: only checkpoints with the same one are resumed",
+        )
+    )
+    return lines
+
+
 def launch(
     plan: Plan,
     config_dir: Path,
+    output_dir: Path,
     *,
     max_steps: int | None = None,
     resume: bool = True,
-    lora_out: Path | None = None,
     batch_size: int | None = None,
     gradient_accumulation: int | None = None,
 ) -> Launch:
     argv = [plan.backend.python, "-m", "lorabuild.trainer", str(config_dir / CONFIG_FILE)]
+    argv += ["--lora-out", str(final_lora(plan, output_dir))]
     if max_steps is not None:
-        argv += ["--max-steps", str(max_steps), "--no-checkpoints"]
-    if not resume:
+        argv += ["--max-steps", str(max_steps), "--no-checkpoints", "--no-resume"]
+    elif not resume:
         argv.append("--no-resume")
-    if lora_out is not None:
-        argv += ["--lora-out", str(lora_out)]
     if batch_size is not None:
         argv += ["--batch-size", str(batch_size)]
     if gradient_accumulation is not None:
@@ -228,30 +248,56 @@ def launch(
     return Launch(argv=argv, cwd=Path(plan.run_dir), env=env)
 
 
-def parse_log_line(line: str) -> Event | None:
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
+def parse_log_line(line: str) -> list[Event]:
+    if not line.startswith("{"):
+        return []
     try:
-        data = json.loads(text)
+        data = json.loads(line)
     except json.JSONDecodeError:
-        return None
+        return []
     if not isinstance(data, dict) or not isinstance(data.get("event"), str):
-        return None
+        return []
     kind = data.pop("event")
-    return Event(kind, data)
+    return [Event(kind, data)]
+
+
+def metrics_files(plan: Plan, output_dir: Path) -> list[Path]:
+    return []  # the trainer's own output lines are its metrics
+
+
+def parse_metrics_line(path: Path, line: str) -> list[Event]:
+    return []
 
 
 def is_out_of_memory(text: str) -> bool:
     return bool(_OOM.search(text))
 
 
-def checkpoints(plan: Plan, run_dir: Path) -> list[Checkpoint]:
+def checkpoints(plan: Plan, output_dir: Path) -> list[Checkpoint]:
     from lorabuild.trainer.checkpoints import list_checkpoints  # light: no torch
 
-    return [
-        Checkpoint(c.path, c.step, c.epoch, c.lora, c.resume_key) for c in list_checkpoints(run_dir / "checkpoints")
-    ]
+    return [Checkpoint(c.path, c.step, c.epoch, c.lora, c.resume_key) for c in list_checkpoints(output_dir)]
+
+
+def final_lora(plan: Plan, output_dir: Path) -> Path:
+    return output_dir / f"{plan.name}.safetensors"
+
+
+def prune_checkpoints(plan: Plan, output_dir: Path) -> list[Path]:
+    return []  # the trainer keeps only keep_last itself
+
+
+def installation(plan: Plan) -> Installation:
+    from lorabuild import __version__
+
+    entry = Path(__file__).resolve().parents[1] / "trainer" / "__main__.py"
+    if not entry.is_file():
+        return Installation(
+            False,
+            "lorabuild's trainer is missing from this installation",
+            "reinstall lorabuild with its training extra: pip install -e '.[train]'",
+        )
+    return Installation(True, f"lorabuild's own trainer {__version__}", version=__version__, entry_point=str(entry))
 
 
 def probe_command(plan: Plan) -> list[str]:

@@ -200,7 +200,20 @@ def render_config_md(plan: Plan, files: dict[str, str], backend_dir: Path) -> st
     if plan.adjustments:
         lines += ["", "## Adjustments lorabuild made", ""]
         lines += [f"- {a}" for a in plan.adjustments]
-    lines += ["", "## Generated config", ""]
+    lines += [
+        "",
+        "## Generated config, explained",
+        "",
+        "| File | Setting | Value | What it means |",
+        "|---|---|---|---|",
+    ]
+    explained = set(ex.lines_given())
+    for line in backends.describe_config(plan):
+        value = line.value if len(line.value) <= 60 else line.value[:57] + "..."
+        meaning = "explained above" if line.meaning in explained else line.meaning
+        explained.add(line.meaning)
+        lines.append(f"| {line.file} | `{line.key}` | `{value}` | {meaning} |")
+    lines.append("")
     for name, text in sorted(files.items()):
         fence = "json" if name.endswith(".json") else ("toml" if name.endswith(".toml") else "yaml")
         lines += [f"`{shown_path(backend_dir / name, base)}`:", "", f"```{fence}", text.rstrip("\n"), "```", ""]

@@ -8,6 +8,7 @@ final `{name}.safetensors` was written. Checkpoints are not targets: a rerun mus
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import click
 
 from lorabuild import backends
 from lorabuild.backends import Event
-from lorabuild.fsutil import remove_path
+from lorabuild.fsutil import atomic_write_json, remove_path
 from lorabuild.gates import GateContext, GateFailed
 from lorabuild.procs import run_streaming
 from lorabuild.progress import ProgressTracker
@@ -92,38 +93,46 @@ def confirm(ctx: GateContext) -> None:
         raise GateFailed("you chose not to start training", "run again when you are ready")
 
 
-EARLIER = "earlier"  # checkpoints/earlier/: the last run made with other settings
+RUN_STAMP = ".lorabuild-run.json"  # in checkpoints/: the settings its checkpoints were made with
 
 
-def set_aside_other_runs(ctx: GateContext) -> list[Path]:
-    """Move checkpoints made with other settings to checkpoints/earlier/ (replacing older ones).
+def earlier_folder(ctx: GateContext) -> Path:
+    return ctx.run.dir / "checkpoints.earlier"
+
+
+def set_aside_other_runs(ctx: GateContext) -> int:
+    """Move checkpoints made with other settings to checkpoints.earlier/ (replacing older ones).
 
     They cannot be resumed, and new checkpoints would mix with them under the same names; an
-    artist may still want to try them, so the most recent set is kept, out of the way.
+    artist may still want to try them, so the most recent set is kept, out of the backend's way.
+    Returns how many entries were moved.
     """
-    others = [c for c in backends.checkpoints(ctx.plan, ctx.run.dir) if c.resume_key != ctx.plan.resume_key]
-    if not others:
-        return []
-    earlier = ctx.run.checkpoints / EARLIER
-    remove_path(earlier)
-    earlier.mkdir(parents=True)
-    moved = []
-    for checkpoint in others:
-        target = earlier / checkpoint.path.name
-        os.replace(checkpoint.path, target)
-        moved.append(target)
+    folder = ctx.run.checkpoints
+    stamp = folder / RUN_STAMP
+    try:
+        previous = json.loads(stamp.read_text(encoding="utf-8")).get("resume_key")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    entries = [p for p in folder.iterdir() if p.name != RUN_STAMP] if folder.is_dir() else []
+    moved = 0
+    if entries and previous != ctx.plan.resume_key:
+        earlier = earlier_folder(ctx)
+        remove_path(earlier)
+        os.replace(folder, earlier)
+        moved = len(entries)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, {"resume_key": ctx.plan.resume_key, "backend": ctx.plan.backend.name})
     return moved
 
 
 def run(ctx: GateContext) -> None:
     plan = ctx.plan
     confirm(ctx)
+    output_dir = ctx.run.checkpoints
     moved = set_aside_other_runs(ctx)
     if moved:
-        ctx.console.say(
-            f"  {len(moved)} checkpoint(s) from a run with other settings moved to {ctx.run.checkpoints / EARLIER}"
-        )
-    existing = backends.checkpoints(plan, ctx.run.dir)
+        ctx.console.say(f"  {moved} checkpoint file(s) from a run with other settings moved to {earlier_folder(ctx)}")
+    existing = backends.checkpoints(plan, output_dir)
     tracker = ProgressTracker(
         name=plan.name,
         json_path=ctx.run.progress_json,
@@ -140,18 +149,16 @@ def run(ctx: GateContext) -> None:
     last_report = [0.0]
 
     def on_line(line: str) -> None:
-        event = backends.parse_log_line(plan, line)
-        if event is None:
-            return
-        tracker.handle(event)
-        if event.kind == "error":
-            errors.append(event.data)
-        _report(ctx, event, tracker, last_report)
+        for event in backends.parse_log_line(plan, line):
+            tracker.handle(event)
+            if event.kind == "error":
+                errors.append(event.data)
+            _report(ctx, event, tracker, last_report)
 
-    launch = backends.launch(plan, ctx.run.backend_dir)
-    ctx.run.checkpoints.mkdir(parents=True, exist_ok=True)
-    mode = "a" if existing else "w"
-    with open(ctx.run.train_log, mode, encoding="utf-8") as log:
+    launch = backends.launch(plan, ctx.run.backend_dir, output_dir)
+    final = backends.final_lora(plan, output_dir)
+    final.unlink(missing_ok=True)  # only a file this run writes counts as its result
+    with open(ctx.run.train_log, "a" if existing else "w", encoding="utf-8") as log:
         if existing:
             log.write(f"\n# lorabuild: starting again; {len(existing)} checkpoint(s) on disk\n")
         try:
@@ -159,11 +166,15 @@ def run(ctx: GateContext) -> None:
         except KeyboardInterrupt:
             tracker.finish("STOPPED", "stopped before the end; run again to resume from the newest checkpoint")
             raise
-    if finished.returncode != 0 or not ctx.run.lora.is_file():
+    # exit codes lie (accelerate, train.sh, Ctrl-C in ai-toolkit): the LoRA file and the errors decide
+    if finished.returncode != 0 or errors or not final.is_file():
         kind = next((str(e.get("kind")) for e in errors if e.get("kind") in ERRORS), None)
         if kind is None and backends.is_out_of_memory(plan, "\n".join(finished.tail)):
             kind = "oom"
-        what = ERRORS.get(kind or "", f"the backend stopped with exit code {finished.returncode}")
+        if kind is None and finished.returncode == 0 and not final.is_file():
+            what = "the backend finished without writing the LoRA file"
+        else:
+            what = ERRORS.get(kind or "", f"the backend stopped with exit code {finished.returncode}")
         details = [str(e.get("message")) for e in errors] or [t for t in finished.tail[-5:] if t.strip()]
         tracker.finish("FAILED", what)
         raise GateFailed(
@@ -171,6 +182,9 @@ def run(ctx: GateContext) -> None:
             f"read {ctx.run.train_log}; run again to resume from the newest checkpoint",
             details,
         )
+    os.replace(final, ctx.run.lora)
+    for removed in backends.prune_checkpoints(plan, output_dir):
+        tracker.handle(Event("checkpoint_removed", {"path": str(removed)}))
     tracker.finish("COMPLETE", f"the LoRA is at {ctx.run.lora}")
     ctx.console.say(f"  Your LoRA is ready: {ctx.run.lora}")
 
