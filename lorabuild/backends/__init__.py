@@ -15,6 +15,7 @@ the dry run. The train gate moves the final LoRA to `{name}.safetensors` in the 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lorabuild.plan import Issue, Plan
 
-IMPLEMENTED: dict[str, str] = {"builtin": "lorabuild.backends.builtin"}
+MODULES: dict[str, str] = {
+    "builtin": "lorabuild.backends.builtin",
+    "kohya": "lorabuild.backends.kohya",
+    "simpletuner": "lorabuild.backends.simpletuner",
+    "ai-toolkit": "lorabuild.backends.ai_toolkit",
+}
+# the backends this installation has (a module per name)
+IMPLEMENTED: dict[str, str] = {n: m for n, m in MODULES.items() if importlib.util.find_spec(m) is not None}
 
 
 @dataclass(frozen=True)

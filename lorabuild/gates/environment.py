@@ -210,9 +210,12 @@ def check_environment(
     else:
         checks.extend(_cuda_checks(plan, gpus, facts, needs_gpu))
 
+    install = backends.installation(plan)
     modules = facts.get("modules") or {}
     missing = [name for name, version in modules.items() if version is None]
-    if not facts.get("error"):
+    if not install.ok:
+        checks.append(Check("backend", False, f"Problem: {install.message}", install.fix))
+    elif not facts.get("error"):
         if missing:
             checks.append(
                 Check(
@@ -225,7 +228,7 @@ def check_environment(
             )
         else:
             shown = ", ".join(f"{k} {v}" for k, v in modules.items())
-            checks.append(Check("backend", True, f"The {plan.backend.name} backend is installed ({shown})"))
+            checks.append(Check("backend", True, f"The backend is installed: {install.message} ({shown})"))
 
     free = free_bytes(where)
     needed = disk_needed(plan)
@@ -246,7 +249,13 @@ def check_environment(
         "gpu_problem": gpus.problem,
         "driver": gpus.driver,
         "cuda_driver": gpus.cuda_driver,
-        "backend": {"name": plan.backend.name, "python": plan.backend.python, "probe": facts},
+        "backend": {
+            "name": plan.backend.name,
+            "python": plan.backend.python,
+            "version": install.version,
+            "entry_point": install.entry_point,
+            "probe": facts,
+        },
         "disk": {"free_bytes": free, "needed_bytes": needed, "where": str(where)},
         "checks": [asdict(c) for c in checks],
         "passed": all(c.ok for c in checks),
