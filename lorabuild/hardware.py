@@ -72,3 +72,49 @@ def smallest_gpu_with(vram_gb: float) -> GpuModel | None:
     """The cheapest-class GPU (least memory) with at least `vram_gb` of memory."""
     fitting = [g for g in GPUS if g.vram_gb >= vram_gb]
     return min(fitting, key=lambda g: (g.vram_gb, -g.speed)) if fitting else None
+
+
+# reference/vram.md §4 planning table: seconds per step at batch 1, native resolution, gradient
+# checkpointing on, latents and text encoders cached. [M] rows are measured, the rest estimates.
+STEP_SECONDS: dict[str, dict[str, tuple[float, float]]] = {
+    "sd15": {
+        "RTX 3090": (0.3, 0.5),
+        "RTX 4090": (0.2, 0.3),
+        "RTX 5090": (0.15, 0.25),
+        "A100 80GB": (0.2, 0.3),
+        "A100 40GB": (0.2, 0.3),
+        "L40S": (0.2, 0.3),
+        "H100": (0.12, 0.2),
+    },
+    "sdxl": {
+        "RTX 3090": (1.1, 1.4),
+        "RTX 4090": (0.7, 1.4),
+        "RTX 5090": (0.5, 0.9),
+        "A100 80GB": (0.7, 1.1),
+        "A100 40GB": (0.7, 1.1),
+        "L40S": (0.8, 1.2),
+        "H100": (0.4, 0.7),
+    },
+    "flux": {
+        "RTX 3090": (3.0, 6.0),
+        "RTX 4090": (1.9, 4.3),
+        "RTX 5090": (1.5, 3.0),
+        "A100 80GB": (2.0, 3.5),
+        "A100 40GB": (2.0, 3.5),
+        "L40S": (2.0, 4.0),
+        "H100": (1.5, 3.0),
+    },
+}
+STEP_SECONDS["pony"] = STEP_SECONDS["sdxl"]
+
+
+def step_seconds(family: str, gpu: GpuModel) -> tuple[float, str]:
+    """Seconds per step (batch 1, native resolution) on `gpu`, and how the figure was found."""
+    table = STEP_SECONDS[family]
+    if gpu.name in table:
+        low, high = table[gpu.name]
+        return (low + high) / 2, f"planning table for the {gpu.name}"
+    low, high = table["RTX 4090"]
+    if find_gpu(gpu.name) is None:
+        return (low + high) / 2, f"no figures for a {gpu.name}: assumed as fast as an RTX 4090"
+    return (low + high) / 2 / gpu.speed, f"RTX 4090 figure scaled by the {gpu.name}'s relative speed"

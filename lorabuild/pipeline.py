@@ -33,6 +33,7 @@ from lorabuild import gates, runlock
 from lorabuild.dataset import list_dataset
 from lorabuild.fsutil import atomic_write_json, digest, remove_path
 from lorabuild.gates import GateContext, GateFailed, RunOptions
+from lorabuild.limits import machine_key, read_limit
 from lorabuild.modelfile import list_model
 from lorabuild.plan import default_grimoire, make_plan, model_listing_path
 from lorabuild.procs import Interrupted, sigterm_as_interrupt, stop_leftover
@@ -117,7 +118,8 @@ def build_context(
     dataset = list_dataset(loaded.resolve(loaded.spec.dataset.path), loaded.spec.dataset.caption_extension)
     model_path = model_listing_path(loaded)
     model = list_model(model_path) if model_path is not None else None
-    plan = make_plan(loaded, machine, dataset, model, grimoire=grimoire)
+    limit = read_limit(run.limits, machine_key({"hostname": machine.hostname, **machine.gpus.fingerprint()}))
+    plan = make_plan(loaded, machine, dataset, model, grimoire=grimoire, memory_limit=limit)
     return GateContext(loaded, plan, run, machine, dataset, model, options or RunOptions(), console or Console())
 
 

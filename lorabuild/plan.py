@@ -21,6 +21,7 @@ from lorabuild.dataset import DatasetListing
 from lorabuild.estimate import MemoryInputs, describe_duration, estimate_time, estimate_vram
 from lorabuild.fsutil import digest
 from lorabuild.modelfile import ModelListing
+from lorabuild.prices import estimate_cost
 from lorabuild.spec import LoadedSpec
 from lorabuild.studio import Machine
 
@@ -153,6 +154,10 @@ class EstimatePlan(_Part):
     time_seconds: float
     time_text: str
     time_device: str
+    time_source: str  # where the seconds per step come from (all time figures are estimates)
+    cost_usd: float | None  # cloud targets only
+    cost_per_hour: float | None
+    cost_source: str | None  # the dated price table
 
 
 class Issue(_Part):
@@ -270,8 +275,12 @@ def make_plan(
     model: ModelListing | None,
     *,
     grimoire: Path,
+    memory_limit: dict[str, Any] | None = None,
 ) -> Plan:
-    """Everything a training needs, derived from the spec and this machine's facts."""
+    """Everything a training needs, derived from the spec and this machine's facts.
+
+    `memory_limit`: the batch size this spec last ran out of memory with on this machine
+    (lorabuild.limits), so planning starts below it."""
     spec = loaded.spec
     demo = presets.DEMO_MODELS.get(spec.base_model.demo or "")
     family = demo.family if demo else (spec.base_model.family or "sd15")
@@ -321,7 +330,10 @@ def make_plan(
             sources[f"training.{setting}"] = f"set by the {backend_name} backend"
 
     training = TrainingPlan(**values)
-    gpu_model = hardware.find_gpu(device.name) if device.kind == "gpu" else None
+    gpu_model = None
+    if device.kind == "gpu":
+        # an unknown GPU is timed as a mid-range one; the time source says so
+        gpu_model = hardware.find_gpu(device.name) or hardware.GpuModel(device.name, device.memory_gb, (8, 0), 1.0)
 
     def memory_for(batch: int) -> tuple[float, dict[str, float]]:
         est = estimate_vram(
@@ -354,9 +366,22 @@ def make_plan(
             f"memory is tight, so the batch size goes from {old} to {batch} and gradient accumulation "
             f"to {accumulation}: each learning step still sees {batch * accumulation} pictures"
         )
+    reason = "reduced to fit memory"
+    if memory_limit and batch > memory_limit["batch_size"]:
+        old = batch
+        while batch > memory_limit["batch_size"]:
+            batch, accumulation = max(1, batch // 2), accumulation * 2
+        memory, breakdown = memory_for(batch)
+        adjustments.append(
+            f"this machine ran out of memory at batch size {memory_limit.get('failed_at', old)} "
+            f"({memory_limit.get('where', 'an earlier run')}, {memory_limit.get('when', 'before')}), so training "
+            f"starts at batch size {batch} with gradient accumulation {accumulation}: each learning step still "
+            f"sees {batch * accumulation} pictures"
+        )
+        reason = "reduced after running out of memory"
     if (batch, accumulation) != (training.batch_size, training.gradient_accumulation):
         training = training.model_copy(update={"batch_size": batch, "gradient_accumulation": accumulation})
-        sources["training.batch_size"] = sources["training.gradient_accumulation"] = "reduced to fit memory"
+        sources["training.batch_size"] = sources["training.gradient_accumulation"] = reason
     needed = round(memory * presets.VRAM_SAFETY_MARGIN, 2)
     fits = needed <= device.memory_gb
 
@@ -378,6 +403,11 @@ def make_plan(
         gpu=gpu_model,
         demo=demo,
     )
+    cost = (
+        estimate_cost(spec.compute.target, gpu_model.name, timing.seconds, spec.compute.gpu_count)
+        if gpu_model is not None and spec.compute.target in ("runpod", "vastai")
+        else None
+    )
     estimates = EstimatePlan(
         memory_gb=memory,
         memory_breakdown=breakdown,
@@ -388,6 +418,10 @@ def make_plan(
         time_seconds=round(timing.seconds, 1),
         time_text=describe_duration(timing.seconds),
         time_device=timing.device,
+        time_source=timing.source,
+        cost_usd=cost.usd if cost else None,
+        cost_per_hour=cost.per_hour if cost else None,
+        cost_source=cost.source if cost else None,
     )
 
     grimoire_dir = str(grimoire)
@@ -461,8 +495,14 @@ def make_plan(
 
 
 def _device(loaded: LoadedSpec, machine: Machine) -> DevicePlan:
+    """What training will run on: this machine's GPU; else the GPU the spec declares (a remote
+    target, or a GPU backend planned on a machine without one, so Gate 2 can check memory
+    anywhere — Gate 3 then checks the real machine); else this machine's processor."""
     compute = loaded.spec.compute
-    if compute.target != "local":
+    best = machine.best_gpu
+    declared = compute.gpu is not None or compute.vram_gb is not None
+    gpu_backend = loaded.spec.backend.name != "builtin"
+    if compute.target != "local" or (best is None and declared and gpu_backend):
         gpu = hardware.find_gpu(compute.gpu)
         if compute.vram_gb:
             return DevicePlan(
@@ -481,7 +521,6 @@ def _device(loaded: LoadedSpec, machine: Machine) -> DevicePlan:
             memory_gb=24.0,
             source="assumed 24 GB: set `compute.gpu` or `compute.vram_gb` in the spec",
         )
-    best = machine.best_gpu
     if best is not None:
         return DevicePlan(
             kind="gpu",

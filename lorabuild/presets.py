@@ -215,7 +215,7 @@ DEMO_MODELS: dict[str, DemoProfile] = {
             "bucketing": False,
         },
         ranges={
-            "resolution": Range(64, 128, "the demo model was made for 64 px pictures"),
+            "resolution": Range(64, 512, "the demo model was made for 64 px pictures; above 512 px it only gets slow"),
             "rank": Range(1, 32, "the demo model's layers are tiny: rank 32 already covers them"),
             "total_steps": Range(2, 5_000, "the demo model needs a few steps and gains nothing beyond 5,000"),
         },

@@ -38,6 +38,15 @@ class Finished:
     tail: list[str]  # the last lines of output, for diagnosis
 
 
+class LaunchFailed(Exception):
+    """The backend's program could not be started at all (missing or not executable)."""
+
+    def __init__(self, program: str, reason: str):
+        self.program = program
+        self.reason = reason
+        super().__init__(f"{program}: {reason}")
+
+
 class Interrupted(KeyboardInterrupt):
     """lorabuild was asked to stop (Ctrl-C or SIGTERM) while a backend ran."""
 
@@ -99,7 +108,21 @@ def run_streaming(
     started = time.monotonic()
     for path, text in launch.files.items():
         atomic_write_text(path, text)
-    proc = subprocess.Popen(
+    try:
+        proc = _start(launch, env, memory_limit_bytes)
+    except FileNotFoundError:
+        raise LaunchFailed(launch.argv[0], "the program was not found") from None
+    except PermissionError:
+        raise LaunchFailed(launch.argv[0], "the program is not executable") from None
+    except OSError as exc:
+        raise LaunchFailed(launch.argv[0], exc.strerror or str(exc)) from None
+    return _follow(proc, launch, log, on_line, pid_file, tail_lines, started)
+
+
+def _start(launch: Launch, env: dict[str, str], memory_limit_bytes: int | None) -> subprocess.Popen[bytes]:
+    if not launch.cwd.is_dir():
+        raise LaunchFailed(str(launch.cwd), "the folder the backend runs in does not exist")
+    return subprocess.Popen(
         launch.argv,
         cwd=launch.cwd,
         env=env,
@@ -110,6 +133,17 @@ def run_streaming(
         start_new_session=True,
         preexec_fn=_child_setup(memory_limit_bytes),
     )
+
+
+def _follow(
+    proc: subprocess.Popen[bytes],
+    launch: Launch,
+    log: IO[str],
+    on_line: Callable[[str], None],
+    pid_file: Path,
+    tail_lines: int,
+    started: float,
+) -> Finished:
     atomic_write_json(
         pid_file,
         {"pid": proc.pid, "pgid": proc.pid, "start": _proc_start_time(proc.pid), "argv": launch.argv[:4]},

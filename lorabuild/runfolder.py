@@ -123,6 +123,10 @@ class RunFolder:
     def backend_pid(self) -> Path:
         return self.state / "backend.pid"
 
+    @property
+    def limits(self) -> Path:
+        return self.state / "limits.json"
+
     def incomplete_marker(self, gate: str) -> Path:
         return self.state / "incomplete" / gate
 

@@ -79,11 +79,13 @@ class Project:
     def run_dir(self, name: str = "t") -> Path:
         return self.grimoire / "training" / name
 
-    def lorabuild(self, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def lorabuild(
+        self, *args: str, timeout: float = 300, check: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
             [sys.executable, "-m", "lorabuild", *args],
             cwd=self.root,
-            env=lorabuild_env(),
+            env={**lorabuild_env(), **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

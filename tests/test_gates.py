@@ -39,11 +39,18 @@ def test_config_gate_failure_writes_nothing_and_is_remembered(bare_project: Proj
     assert states(bare_project)["config"]["state"] == "up-to-date"
 
 
-def test_unbuilt_backend_fails_gate_2_plainly(bare_project: Project) -> None:
-    bare_project.write_spec(backend={"name": "kohya", "path": "sd-scripts"})
-    done = bare_project.lorabuild("run", "t.yaml")
-    assert done.returncode == 1
-    assert "cannot run the kohya backend yet" in done.stderr and "use `backend: builtin`" in done.stderr
+def test_a_missing_backend_module_fails_gate_2_plainly(bare_project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorabuild import backends
+    from lorabuild.gates import GateFailed, config
+    from lorabuild.pipeline import build_context
+
+    monkeypatch.setattr(backends, "IMPLEMENTED", {"builtin": backends.MODULES["builtin"]})
+    spec = bare_project.write_spec(backend={"name": "kohya", "path": "sd-scripts"})
+    ctx = build_context(spec, root=bare_project.grimoire)
+    with pytest.raises(GateFailed) as failed:
+        config.run(ctx)
+    assert "cannot run the kohya backend yet" in failed.value.render()
+    assert "use `backend: builtin`" in failed.value.render()
 
 
 def test_missing_model_fails_gate_2(bare_project: Project) -> None:
@@ -53,13 +60,14 @@ def test_missing_model_fails_gate_2(bare_project: Project) -> None:
     assert "the base model" in done.stderr and "was not found" in done.stderr
 
 
-def test_dry_run_diagnoses_an_unreadable_caption(project: Project) -> None:
+def test_dataset_preflight_stops_an_unreadable_caption_before_the_backend(project: Project) -> None:
     (project.dataset / "red-circle.txt").write_bytes(b"shapestyle, caf\xe9 au lait\n")
     project.write_spec()
     done = project.lorabuild("run", "t.yaml")
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "Dry run failed — a caption could not be read" in done.stderr
-    assert "red-circle.txt" in done.stderr and "UTF-8" in done.stderr
+    assert "Dataset check failed" in done.stderr
+    assert "red-circle.txt is not UTF-8 text (byte 0xe9 at position 15)" in done.stderr
+    assert "lorabuild dry run:" not in (project.run_dir() / "dryrun.log").read_text()  # no backend started
     run_dir = project.run_dir()
     assert (run_dir / "dryrun.log").is_file() and not (run_dir / "dryrun.ok").exists()
     assert states(project)["dryrun"]["state"] == "failed"
@@ -141,3 +149,45 @@ def test_final_confirmation_before_gpu_time(bare_project: Project, capsys: pytes
     on_cpu = build_context(spec, root=bare_project.grimoire, options=RunOptions(interactive=False))
     if on_cpu.plan.device.kind == "cpu":
         confirm(on_cpu)  # nothing is spent on a processor: no question asked
+
+
+def test_out_of_memory_in_the_dry_run_halves_the_batch_and_is_remembered(project: Project) -> None:
+    """A real memory cap on the trainer (RLIMIT_AS, docs/trainer.md): batch 16 at 256 px does not fit."""
+    project.write_spec(dataset={"repeats": 4}, training={"batch_size": 16, "resolution": 256, "epochs": 1})
+    env_cap = {"LORABUILD_MEMORY_HEADROOM_MB": "200"}
+    done = project.lorabuild("run", "t.yaml", "--until", "dryrun", env=env_cap)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Hit memory limit — reducing batch size from 16 to 8 and retrying" in done.stdout
+    ok = json.loads((project.run_dir() / "dryrun.ok").read_text())
+    assert ok["batch_size"] < 16 and ok["batch_size"] * ok["gradient_accumulation"] == 16
+    limits = json.loads((project.root / "grimoire" / ".lorabuild" / "runs" / "t" / "limits.json").read_text())
+    (limit,) = limits.values()
+    assert limit["batch_size"] == ok["batch_size"] and limit["failed_at"] == 16 and limit["where"] == "the dry run"
+
+    # the next plan starts at the batch that fits, and says why
+    project.lorabuild("run", "t.yaml", "--until", "config", env=env_cap, check=True)
+    md = (project.run_dir() / "config.md").read_text()
+    assert "this machine ran out of memory at batch size 16 (the dry run" in md
+    plan = json.loads((project.run_dir() / "plan.json").read_text())
+    assert plan["training"]["batch_size"] == ok["batch_size"] and plan["steps"]["effective_batch"] == 16
+
+
+def test_out_of_memory_during_training_is_recovered_and_remembered(project: Project) -> None:
+    project.write_spec(dataset={"repeats": 4}, training={"batch_size": 16, "resolution": 256, "epochs": 2})
+    project.lorabuild("run", "t.yaml", "--until", "dryrun", check=True)  # no cap: batch 16 passes here
+    done = project.lorabuild("run", "t.yaml", env={"LORABUILD_MEMORY_HEADROOM_MB": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Hit memory limit — reducing batch size from 16 to 8 and retrying" in done.stdout
+    progress = json.loads((project.run_dir() / "progress.json").read_text())
+    assert progress["status"] == "COMPLETE" and progress["oom_recoveries"] >= 1
+    assert progress["step"] == progress["total_steps"]  # the effective batch was kept: same steps
+    assert any("Hit memory limit" in note for note in progress["notes"])
+    assert "OOM recoveries**: " in (project.run_dir() / "progress.md").read_text()
+
+    # the next plan starts at the batch that fitted; the finished training does not run again
+    project.lorabuild("run", "t.yaml", "--until", "config", check=True)
+    plan = json.loads((project.run_dir() / "plan.json").read_text())
+    assert plan["training"]["batch_size"] < 16 and plan["steps"]["effective_batch"] == 16
+    assert "ran out of memory at batch size" in (project.run_dir() / "config.md").read_text()
+    states_now = states(project)
+    assert states_now["train"]["state"] == "up-to-date", states_now["train"]

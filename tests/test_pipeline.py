@@ -197,6 +197,7 @@ def test_changing_epochs_reruns_config_and_train_only(example: Example) -> None:
     for rewritten in ("config.md", "plan.json", "example.safetensors", "progress.json"):
         assert after[rewritten] != before[rewritten], rewritten
     assert json.loads((example.run_dir / "progress.json").read_text())["total_steps"] == 48
+
     # the earlier run's checkpoints cannot be resumed: they are set aside, not mixed with the new ones
     def names(folder: Path) -> list[str]:
         return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))

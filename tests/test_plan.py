@@ -114,10 +114,15 @@ def test_builtin_refuses_what_it_cannot_do(bare_project: Project) -> None:
     assert "does not use `clip_skip`" in messages
 
 
-def test_unbuilt_backends_are_said_plainly(bare_project: Project) -> None:
+def test_a_backend_missing_from_this_installation_is_said_plainly(
+    bare_project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorabuild import backends
+
+    monkeypatch.setattr(backends, "IMPLEMENTED", {"builtin": backends.MODULES["builtin"]})
     plan = plan_for(bare_project, backend="kohya")
     (issue,) = [i for i in plan.problems if i.kind == "unavailable"]
-    assert "cannot run the kohya backend yet" in issue.message
+    assert "cannot run the kohya backend yet" in issue.message and "builtin" in issue.message
 
 
 def test_tight_memory_halves_the_batch_keeping_the_effective_batch(bare_project: Project) -> None:
@@ -189,3 +194,41 @@ def test_dataset_listing_pairs_pictures_and_captions(tmp_path: Path) -> None:
     assert listing.images == ("a.png", "b.JPG", "c.webp")
     assert listing.captions == ("a.txt", "c.txt")
     assert listing.missing_captions == ("b.JPG",)
+
+
+def test_cloud_targets_get_a_dated_cost_estimate(bare_project: Project) -> None:
+    plan = plan_for(bare_project, compute={"target": "runpod", "gpu": "RTX 4090"})
+    e = plan.estimates
+    assert e.cost_per_hour == 0.69 and e.cost_source == "RunPod price table of 2026-11"
+    assert e.cost_usd is not None and e.cost_usd > 0
+    local = plan_for(bare_project)
+    assert local.estimates.cost_usd is None
+
+
+def test_time_comes_from_the_gpu_table_and_says_so(bare_project: Project) -> None:
+    (bare_project.root / "sdxl").mkdir()
+    spec = {
+        "base_model": {"path": "sdxl", "family": "sdxl"},
+        "backend": "kohya",
+        "dataset": {"repeats": 10},
+        "training": {"epochs": 10, "batch_size": 1, "rank": 16, "alpha": 8, "learning_rate": 1e-4},
+    }
+    on_4090 = plan_for(bare_project, gpu_machine(), **spec)
+    on_h100 = plan_for(bare_project, gpu_machine("NVIDIA H100 80GB HBM3", 80.0), **spec)
+    assert on_4090.estimates.step_seconds == pytest.approx(1.05, rel=0.01)  # the table's 0.7–1.4 s/it
+    assert "planning table for the RTX 4090" in on_4090.estimates.time_source
+    assert on_h100.estimates.time_seconds < on_4090.estimates.time_seconds
+
+
+def test_a_gpu_backend_planned_on_a_machine_without_gpu_uses_the_declared_gpu(bare_project: Project) -> None:
+    (bare_project.root / "sdxl").mkdir()
+    plan = plan_for(
+        bare_project,
+        CPU,
+        base_model={"path": "sdxl", "family": "sdxl"},
+        backend="kohya",
+        compute={"target": "local", "gpu": "RTX 4090"},
+    )
+    assert plan.device.kind == "gpu" and plan.device.memory_gb == 24
+    builtin = plan_for(bare_project, CPU, compute={"target": "local", "gpu": "RTX 4090"})
+    assert builtin.device.kind == "cpu"  # the builtin trainer really runs on this processor

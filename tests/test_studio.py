@@ -10,7 +10,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from lorabuild.gates.environment import _arch_supported, check_environment
+from lorabuild.compat import arch_covered
+from lorabuild.gates.environment import check_environment
 from lorabuild.studio import NVML_PROBLEMS, Machine, read_gpus, read_machine, record_machine
 
 # Recorded from `nvidia-smi`/NVML on an RTX 4090 workstation (driver 570.86.15, CUDA 12.8).
@@ -140,7 +141,10 @@ def test_environment_checks_with_a_recorded_gpu_and_probe(bare_project: Any) -> 
     old_driver = read_gpus(RecordedNvml({**RTX_4090, "driver": "520.61.05", "cuda": 11080}))
     checks, record = check_environment(plan, old_driver, bare_project.root, good_probe)
     assert not record["passed"]
-    assert any("needs NVIDIA driver 525.60 or newer, but you have 520.61.05" in c.message for c in checks)
+    (driver,) = [c for c in checks if "but you have 520.61.05" in c.message]
+    assert "needs NVIDIA driver 525.60.13 or newer" in driver.message
+    # the exact fix: the newest torch build this driver can run (CUDA 11.8) for this GPU
+    assert "install torch==2.7.0 --index-url https://download.pytorch.org/whl/cu118" in driver.fix
 
     blackwell = {
         **RTX_4090,
@@ -159,7 +163,10 @@ def test_environment_checks_with_a_recorded_gpu_and_probe(bare_project: Any) -> 
         "arch_list": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"],
     }
     checks, record = check_environment(plan, read_gpus(RecordedNvml(blackwell)), bare_project.root, old_build)
-    assert any("RTX 5090 (sm_120) is not supported by this PyTorch build" in c.message for c in checks)
+    (arch,) = [c for c in checks if "RTX 5090 (sm_120) is not supported by this PyTorch build" in c.message]
+    assert "PyTorch 2.7 or newer built for CUDA 12.8 or newer, and driver 570" in arch.fix
+    # driver 570 cannot run CUDA 13 builds, and 2.12+ ship no cu128: the newest that fits is 2.11 cu128
+    assert "torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128" in arch.fix
 
     missing = {**good_probe, "modules": {"diffusers": None, "transformers": "4.55.0", "safetensors": "0.6.2"}}
     checks, _ = check_environment(plan, gpus, bare_project.root, missing)
@@ -167,7 +174,7 @@ def test_environment_checks_with_a_recorded_gpu_and_probe(bare_project: Any) -> 
 
 
 def test_arch_matching() -> None:
-    assert _arch_supported((8, 9), ["sm_80", "sm_86"])  # same major, lower minor
-    assert not _arch_supported((12, 0), ["sm_80", "sm_90"])
-    assert _arch_supported((12, 0), ["sm_90", "compute_90"])  # PTX JIT
-    assert not _arch_supported((7, 0), ["sm_75", "sm_80"])
+    assert arch_covered((8, 9), ["sm_80", "sm_86"])  # same major, lower minor
+    assert not arch_covered((12, 0), ["sm_80", "sm_90"])
+    assert arch_covered((12, 0), ["sm_90", "compute_90"])  # PTX JIT
+    assert not arch_covered((7, 0), ["sm_75", "sm_80"])

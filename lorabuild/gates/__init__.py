@@ -70,6 +70,13 @@ class GateContext:
         return environment_stamp(self)
 
     @property
+    def machine_key(self) -> str:
+        """This machine's identity for remembered memory limits (lorabuild.limits)."""
+        from lorabuild.limits import machine_key
+
+        return machine_key({"hostname": self.machine.hostname, **self.machine.gpus.fingerprint()})
+
+    @property
     def model_files(self) -> list[Path]:
         return list(self.model.files) if self.model else []
 

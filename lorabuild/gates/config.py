@@ -160,7 +160,16 @@ def render_config_md(plan: Plan, files: dict[str, str], backend_dir: Path) -> st
         f"- **Key parameters**: lr={_value(t.learning_rate)}, epochs={plan.steps.epochs}, batch={t.batch_size}, "
         f"rank={t.rank}",
         memory_line,
-        f"- **Estimated time**: {e.time_text} on {e.time_device} ({plan.steps.total_steps} steps; an estimate)",
+        f"- **Estimated time**: {e.time_text} on {e.time_device} ({plan.steps.total_steps} steps × "
+        f"{e.step_seconds:.3g} s, plus {e.setup_seconds:.0f} s to load; an estimate: {e.time_source})",
+        *(
+            [
+                f"- **Estimated cost**: about ${e.cost_usd:.2f} at ${e.cost_per_hour:.2f} per hour "
+                f"({e.cost_source}; live prices are checked before anything is rented)"
+            ]
+            if e.cost_usd is not None and e.cost_per_hour is not None
+            else []
+        ),
         f"- **Config file**: {shown_path(first_file, base)}",
         "",
         "## Your dataset",

@@ -1,24 +1,28 @@
 """Gate 4 — dry run: a few real training steps before the long run (workflow.md Phase 9).
 
-Runs the backend's short N-step variant with the Gate 2 config, logs it to dryrun.log, and
-writes dryrun.ok only when the model loaded, the dataset was read and at least two steps
-completed. Otherwise it explains the failure in plain language (wrong model path, caption
-encoding, out of memory, CUDA mismatch, NaN loss) with the fix.
+First a dataset pre-flight (every picture opened, every caption read as UTF-8), then the
+backend's short N-step variant with the Gate 2 config, logged to dryrun.log. dryrun.ok is
+written only when the model loaded, the dataset was read and at least two steps completed.
+Out of memory on the first steps retries at half the batch size (doubling gradient accumulation,
+Gate 2's rule) and remembers what fits for this machine. Every other failure is explained from
+the backend's own words (lorabuild.diagnose): what happened, why, the fix.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from lorabuild import backends, presets
 from lorabuild.backends import Event
+from lorabuild.diagnose import diagnose
 from lorabuild.fsutil import atomic_write_text
 from lorabuild.gates import GateContext, GateFailed
-from lorabuild.procs import run_streaming
+from lorabuild.limits import record_limit
+from lorabuild.preflight import check_dataset
+from lorabuild.procs import LaunchFailed, run_streaming
 
 TITLE = "Gate 4 — dry run"
 
@@ -49,34 +53,6 @@ READS = (
     "compute.target",
 )
 
-DIAGNOSES: dict[str, tuple[str, str]] = {
-    "model_load": (
-        "the base model could not be loaded — usually a wrong model path or a corrupted download",
-        "check `base_model.path`; if it is right, download the model again",
-    ),
-    "dataset": (
-        "the dataset could not be read — usually a missing or unreadable picture",
-        "open the pictures named above in an image viewer; remove or re-save broken ones",
-    ),
-    "caption": (
-        "a caption could not be read — usually a text-encoding problem or a missing file",
-        "save the caption files as UTF-8 text in your editor",
-    ),
-    "oom": (
-        "out of memory on the first steps — the batch size is too high for this machine",
-        "lower `training.batch_size` (or resolution), then run again",
-    ),
-    "nan": (
-        "the loss became NaN (not a number) within the first steps — the learning rate is far too high",
-        "lower `training.learning_rate`",
-    ),
-    "config": ("the backend rejected its config", "see the message above; this is likely a lorabuild bug — report it"),
-}
-CUDA_PATTERN = re.compile(
-    r"CUDA error|no kernel image is available|CUDA driver version is insufficient|"
-    r"cudaErrorUnsupportedPtxVersion"
-)
-
 
 def targets(ctx: GateContext) -> list[Path]:
     return [ctx.run.dryrun_log, ctx.run.dryrun_ok]
@@ -93,6 +69,59 @@ def file_deps(ctx: GateContext) -> list[Path]:
 
 def run(ctx: GateContext) -> None:
     plan = ctx.plan
+    with open(ctx.run.dryrun_log, "w", encoding="utf-8") as log:
+        preflight(ctx, log)
+        batch, accumulation = plan.training.batch_size, plan.training.gradient_accumulation
+        while True:
+            seen, finished_code, tail = _attempt(ctx, log, batch, accumulation)
+            if _passed(seen, finished_code):
+                break
+            failure = _diagnose(ctx, seen, finished_code, tail)
+            if failure.kind != "oom" or batch == 1:
+                raise failure.gate
+            old = batch
+            batch, accumulation = max(1, batch // 2), accumulation * 2
+            message = f"Hit memory limit — reducing batch size from {old} to {batch} and retrying"
+            ctx.console.say(f"  {message}")
+            log.write(f"\n# lorabuild: {message}\n")
+    if batch != plan.training.batch_size:
+        record_limit(
+            ctx.run.limits, ctx.machine_key, batch_size=batch, failed_at=plan.training.batch_size, where="the dry run"
+        )
+    times = seen["step_seconds"][1:] or seen["step_seconds"]  # the first step includes warm-up
+    record = {
+        "passed": True,
+        "steps": seen["steps"],
+        "images": (seen["dataset"] or {}).get("images", len(plan.dataset.images)),
+        "batch_size": batch,
+        "gradient_accumulation": accumulation,
+        "step_seconds": round(sum(times) / len(times), 4) if times else None,
+    }
+    atomic_write_text(ctx.run.dryrun_ok, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    extra = f" at batch size {batch}" if batch != plan.training.batch_size else ""
+    ctx.console.say(f"  Dry run passed — model loaded, {seen['steps']} steps completed{extra}, no errors")
+
+
+def preflight(ctx: GateContext, log: Any) -> None:
+    """The dataset pre-flight; blocking problems fail the gate before the backend starts."""
+    plan = ctx.plan
+    report = check_dataset(
+        Path(plan.dataset.path), plan.dataset.images, plan.dataset.caption_extension, plan.training.resolution
+    )
+    log.write("# lorabuild dataset pre-flight\n" + "".join(f"#   {line}\n" for line in report.lines()))
+    for warning in report.warnings:
+        ctx.console.say(f"  Note: {warning}")
+    if not report.ok:
+        raise GateFailed(
+            "Dataset check failed — the dry run would fail on these files",
+            "fix or remove the files named above, then run again",
+            report.blocking,
+        )
+    ctx.console.say(f"  Dataset checked: {report.images} pictures, {report.captions} captions")
+
+
+def _attempt(ctx: GateContext, log: Any, batch: int, accumulation: int) -> tuple[dict[str, Any], int, list[str]]:
+    plan = ctx.plan
     steps = presets.DRY_RUN_STEPS
     seen: dict[str, Any] = {"model_loaded": False, "dataset": None, "steps": 0, "errors": [], "step_seconds": []}
 
@@ -100,33 +129,39 @@ def run(ctx: GateContext) -> None:
         for event in backends.parse_log_line(plan, line):
             _note(seen, event)
 
+    override = batch != plan.training.batch_size
     with tempfile.TemporaryDirectory(prefix=".dryrun-", dir=ctx.run.dir) as scratch:
-        launch = backends.launch(plan, ctx.run.backend_dir, Path(scratch), max_steps=steps, resume=False)
-        with open(ctx.run.dryrun_log, "w", encoding="utf-8") as log:
-            log.write(f"# lorabuild dry run: {' '.join(launch.argv[:4])} … ({steps} steps)\n")
+        launch = backends.launch(
+            plan,
+            ctx.run.backend_dir,
+            Path(scratch),
+            max_steps=steps,
+            resume=False,
+            batch_size=batch if override else None,
+            gradient_accumulation=accumulation if override else None,
+        )
+        log.write(f"# lorabuild dry run: {' '.join(launch.argv[:4])} … ({steps} steps, batch size {batch})\n")
+        log.flush()
+        try:
             finished = run_streaming(launch, log=log, on_line=on_line, pid_file=ctx.run.backend_pid)
+        except LaunchFailed as exc:
+            raise GateFailed(
+                f"Dry run failed — the backend could not be started: {exc.program}: {exc.reason}",
+                "check `backend.python` / `backend.path` in the spec, or run `lorabuild env`",
+            ) from None
+    return seen, finished.returncode, finished.tail
 
+
+def _passed(seen: dict[str, Any], returncode: int) -> bool:
     # a backend that took steps has loaded its model and read its data, whether or not it said so
     stepped = seen["steps"] > 0
-    ok = (
-        finished.returncode == 0
+    return (
+        returncode == 0
         and not seen["errors"]
         and (seen["model_loaded"] or stepped)
         and (seen["dataset"] is not None or stepped)
         and seen["steps"] >= presets.DRY_RUN_MIN_STEPS
     )
-    if not ok:
-        raise _diagnose(ctx, seen, finished.returncode, finished.tail)
-    times = seen["step_seconds"][1:] or seen["step_seconds"]  # the first step includes warm-up
-    record = {
-        "passed": True,
-        "steps": seen["steps"],
-        "images": (seen["dataset"] or {}).get("images", len(plan.dataset.images)),
-        "step_seconds": round(sum(times) / len(times), 4) if times else None,
-        "seconds": round(finished.seconds, 1),
-    }
-    atomic_write_text(ctx.run.dryrun_ok, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    ctx.console.say(f"  Dry run passed — model loaded, {seen['steps']} steps completed, no errors")
 
 
 def _note(seen: dict[str, Any], event: Event) -> None:
@@ -142,30 +177,27 @@ def _note(seen: dict[str, Any], event: Event) -> None:
         seen["errors"].append(event.data)
 
 
-def _diagnose(ctx: GateContext, seen: dict[str, Any], returncode: int, tail: list[str]) -> GateFailed:
+class _Failure:
+    def __init__(self, kind: str, gate: GateFailed):
+        self.kind = kind
+        self.gate = gate
+
+
+def _diagnose(ctx: GateContext, seen: dict[str, Any], returncode: int, tail: list[str]) -> _Failure:
     text = "\n".join(tail)
-    details: list[str] = []
-    for error in seen["errors"]:
-        details.append(str(error.get("message", "")))
-    kind = next((str(e.get("kind")) for e in seen["errors"] if e.get("kind") in DIAGNOSES), None)
-    if kind is None and backends.is_out_of_memory(ctx.plan, text):
-        kind = "oom"
-    if kind is None and CUDA_PATTERN.search(text):
-        message, fix = (
-            "a CUDA error — the PyTorch build does not match the driver or GPU (Gate 3 should have caught this)",
-            "run `lorabuild env` and follow its fix",
-        )
-    elif kind is not None:
-        message, fix = DIAGNOSES[kind]
-        if kind == "oom":
-            fix = f"lower `training.batch_size` (now {ctx.plan.training.batch_size}) or the resolution, then run again"
-    elif not seen["model_loaded"]:
-        message, fix = DIAGNOSES["model_load"]
-    elif not seen["dataset"]:
-        message, fix = DIAGNOSES["dataset"]
-    else:
+    kinds = [str(e.get("kind")) for e in seen["errors"]]
+    if not kinds and backends.is_out_of_memory(ctx.plan, text):
+        kinds = ["oom"]
+    found = diagnose(kinds, text)
+    details = [str(e.get("message")) for e in seen["errors"] if e.get("message")]
+    if found.kind == "internal" and returncode == 0 and seen["steps"] < presets.DRY_RUN_MIN_STEPS:
         message = f"only {seen['steps']} of the {presets.DRY_RUN_MIN_STEPS} required steps completed"
         fix = f"read {ctx.run.dryrun_log} for the backend's own message"
+    else:
+        message, fix = found.what, found.fix
+    if found.kind == "oom":
+        fix = f"lower `training.batch_size` (now {ctx.plan.training.batch_size}) or the resolution, then run again"
     if not details:
         details = [line for line in tail[-5:] if line.strip()]
-    return GateFailed(f"Dry run failed — {message} (backend exit code {returncode})", fix, details)
+    gate = GateFailed(f"Dry run failed — {message} (backend exit code {returncode})", fix, details)
+    return _Failure(found.kind, gate)

@@ -19,20 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from lorabuild import backends, presets
+from lorabuild.compat import check_stack
 from lorabuild.estimate import BYTES_PER_PARAM, lora_parameters
 from lorabuild.fsutil import atomic_write_json, atomic_write_text, free_bytes
 from lorabuild.gates import GateContext, GateFailed
 from lorabuild.glossary import Explainer
 from lorabuild.plan import Plan
-from lorabuild.studio import GpuReport
+from lorabuild.studio import GpuReport, Machine
 
 TITLE = "Gate 3 — environment"
 PROBE_TIMEOUT_S = 180
-DISK_MARGIN_BYTES = 1_000_000_000  # logs, caches and a little room to breathe
+DISK_MARGIN_BYTES = 1_000_000_000  # logs and a little room to breathe
+DATASET_BYTES_PER_IMAGE = 3_000_000  # a typical training picture (when only the count is known)
 GB = 1e9
-
-# reference/vram.md §3.3: minimum driver for each CUDA major version (Linux)
-MIN_DRIVER_FOR_CUDA = {11: (450, 80), 12: (525, 60), 13: (580, 65)}
 
 
 @dataclass(frozen=True)
@@ -127,22 +126,38 @@ def lora_bytes(plan: Plan) -> int:
     return int(params * BYTES_PER_PARAM.get(plan.training.save_precision, 2.0))
 
 
-def disk_needed(plan: Plan, dataset_bytes: int = 0) -> int:
-    """Bytes the run will write: final LoRA, kept checkpoints with resume state, and margin."""
+# Cached latents and text-encoder outputs per picture, when a backend caches them to disk.
+CACHE_BYTES_PER_IMAGE = {"sd15": 100_000, "sdxl": 400_000, "pony": 400_000, "flux": 1_000_000}
+
+
+def disk_parts(plan: Plan, *, inputs_to_place: bool) -> dict[str, int]:
+    """What the run needs on disk, in bytes, by part (the model and dataset only when they are
+    still to be put there: a demo model to create, a remote machine, or `lorabuild env`)."""
     lora = lora_bytes(plan)
     state = lora * 4  # LoRA weights plus optimizer state in fp32
-    needed = lora + (plan.checkpoints.keep_last + 1) * (lora + state) + DISK_MARGIN_BYTES
-    if plan.model.demo:
-        needed += plan.model.bytes  # created on first use
-    if plan.compute.target != "local":
-        needed += plan.model.bytes + dataset_bytes
-    return needed
+    parts = {
+        "checkpoints": (plan.checkpoints.keep_last + 1) * (lora + state),
+        "final LoRA": lora,
+        "caches": len(plan.dataset.images) * CACHE_BYTES_PER_IMAGE.get(plan.model.family, 400_000),
+        "logs and working files": DISK_MARGIN_BYTES,
+    }
+    if inputs_to_place or plan.model.demo:
+        parts["base model"] = plan.model.bytes
+    if inputs_to_place:
+        parts["dataset"] = len(plan.dataset.images) * DATASET_BYTES_PER_IMAGE
+    return parts
+
+
+def disk_needed(plan: Plan, *, inputs_to_place: bool = False) -> int:
+    return sum(disk_parts(plan, inputs_to_place=inputs_to_place).values())
 
 
 def check_environment(
-    plan: Plan, gpus: GpuReport, where: Path, facts: dict[str, Any] | None = None
+    plan: Plan, gpus: GpuReport, where: Path, facts: dict[str, Any] | None = None, *, inputs_to_place: bool = False
 ) -> tuple[list[Check], dict[str, Any]]:
-    """Every environment check for `plan` on this machine, and the facts they were made from."""
+    """Every environment check for `plan` on this machine, and the facts they were made from.
+
+    `inputs_to_place`: count the model and dataset in the disk check (they are not there yet)."""
     facts = facts if facts is not None else probe(plan)
     checks: list[Check] = []
     needs_gpu = plan.backend.name != "builtin"
@@ -231,16 +246,17 @@ def check_environment(
             checks.append(Check("backend", True, f"The backend is installed: {install.message} ({shown})"))
 
     free = free_bytes(where)
-    needed = disk_needed(plan)
+    parts = disk_parts(plan, inputs_to_place=inputs_to_place or plan.compute.target != "local")
+    needed = sum(parts.values())
+    what = ", ".join(name for name, size in parts.items() if size)
     enough_disk = free >= needed
     checks.append(
         Check(
             "disk",
             enough_disk,
-            f"You have {free / GB:.0f} GB free disk — need about {needed / GB:.1f} GB for checkpoints, "
-            "the final LoRA and working files"
+            f"You have {free / GB:.0f} GB free disk — need about {needed / GB:.1f} GB for {what}"
             if enough_disk
-            else f"Problem: only {free / GB:.1f} GB free disk, but the run needs about {needed / GB:.1f} GB",
+            else f"Problem: only {free / GB:.1f} GB free disk, but the run needs about {needed / GB:.1f} GB ({what})",
             "" if enough_disk else "free some disk space or lower `checkpoints.keep_last`",
         )
     )
@@ -256,7 +272,7 @@ def check_environment(
             "entry_point": install.entry_point,
             "probe": facts,
         },
-        "disk": {"free_bytes": free, "needed_bytes": needed, "where": str(where)},
+        "disk": {"free_bytes": free, "needed_bytes": needed, "parts": parts, "where": str(where)},
         "checks": [asdict(c) for c in checks],
         "passed": all(c.ok for c in checks),
     }
@@ -264,88 +280,50 @@ def check_environment(
 
 
 def _cuda_checks(plan: Plan, gpus: GpuReport, facts: dict[str, Any], needs_gpu: bool) -> list[Check]:
-    torch_version = str(facts["torch"]).split("+")[0]
+    torch_version = str(facts["torch"])
     torch_cuda = facts.get("torch_cuda")
-    short = ".".join(torch_version.split(".")[:2])
+    short = ".".join(torch_version.split("+")[0].split(".")[:2])
     if not gpus.gpus:
         where = "with CUDA " + torch_cuda if torch_cuda else "for processors only"
         return [Check("pytorch", True, f"PyTorch {short} is installed ({where})")]
-    if not torch_cuda:
-        return [
-            Check(
-                "cuda",
-                not needs_gpu,
-                f"{'Problem' if needs_gpu else 'Note'}: PyTorch {short} was built "
-                "without CUDA, so it cannot use your GPU",
-                "install a CUDA build of PyTorch, e.g. pip install torch --index-url "
-                "https://download.pytorch.org/whl/cu128",
-                warning=not needs_gpu,
-            )
-        ]
     checks: list[Check] = []
-    major = int(torch_cuda.split(".")[0])
-    driver = gpus.driver or ""
-    driver_parts = tuple(int(p) for p in re.findall(r"\d+", driver)[:2]) or (0,)
-    minimum = MIN_DRIVER_FOR_CUDA.get(major)
-    if minimum and driver_parts < minimum:
-        checks.append(
-            Check(
-                "cuda",
-                False,
-                f"Problem: PyTorch {short} needs CUDA {torch_cuda}, which needs NVIDIA "
-                f"driver {minimum[0]}.{minimum[1]} or newer, but you have {driver}",
-                f"update the NVIDIA driver, or install a PyTorch built for older CUDA "
-                f"(pip install torch=={torch_version}+cu{118 if major > 11 else 117})",
-            )
-        )
-    else:
-        checks.append(
-            Check(
-                "cuda",
-                True,
-                f"CUDA {torch_cuda} and PyTorch {short} are compatible with driver {driver} "
-                f"(supports CUDA up to {gpus.cuda_driver})",
-            )
-        )
     arch_list = [str(a) for a in facts.get("arch_list") or []]
+    seen: set[str] = set()
     for gpu in gpus.gpus:
-        if gpu.capability is None or not arch_list:
-            continue
-        if not _arch_supported(gpu.capability, arch_list):
-            cap = f"sm_{gpu.capability[0]}{gpu.capability[1]}"
+        for finding in check_stack(
+            gpu_name=gpu.name,
+            capability=gpu.capability,
+            driver=gpus.driver or "0",
+            driver_cuda=gpus.cuda_driver,
+            torch_version=torch_version,
+            torch_cuda=torch_cuda,
+            arch_list=arch_list,
+            python=plan.backend.python,
+        ):
+            if finding.message in seen:
+                continue  # several identical GPUs: say it once
+            seen.add(finding.message)
+            # a CPU-only torch is fine for the builtin trainer (it then trains on the processor)
+            soft = not finding.ok and not needs_gpu and not torch_cuda
             checks.append(
                 Check(
-                    "arch",
-                    False,
-                    f"Problem: your {gpu.name} ({cap}) is not supported by this PyTorch "
-                    f"build (it supports {', '.join(arch_list)})",
-                    "install PyTorch 2.7 or newer built for CUDA 12.8+ (cu128)",
+                    "cuda",
+                    finding.ok or soft,
+                    finding.message.replace("Problem:", "Note:") if soft else finding.message,
+                    finding.fix,
+                    warning=finding.warning or soft,
                 )
             )
-    if facts.get("cuda_available") is False and facts.get("cuda_error"):
+    if torch_cuda and facts.get("cuda_available") is False:
         checks.append(
             Check(
                 "cuda",
                 False,
-                f"Problem: PyTorch cannot start CUDA: {facts['cuda_error']}",
+                f"Problem: PyTorch cannot start CUDA: {facts.get('cuda_error') or 'no usable GPU'}",
                 "restart the machine; if it persists, reinstall the NVIDIA driver",
             )
         )
     return checks
-
-
-def _arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
-    major, minor = capability
-    for arch in arch_list:
-        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)a?", arch)
-        if not match:
-            continue
-        a_major, a_minor = int(match.group(2)), int(match.group(3))
-        if match.group(1) == "sm" and a_major == major and a_minor <= minor:
-            return True
-        if match.group(1) == "compute" and (a_major, a_minor) <= (major, minor):
-            return True
-    return False
 
 
 def render_environment_md(plan: Plan, checks: list[Check], record: dict[str, Any]) -> str:
@@ -402,3 +380,62 @@ def run(ctx: GateContext) -> None:
             "; ".join(c.fix for c in failed if c.fix) or "see environment.md",
             [c.message for c in failed],
         )
+
+
+def guess_family(model_gb: float) -> str:
+    """A model family from a file size, for `lorabuild env` without `--family` (rough bands)."""
+    if model_gb <= 4.5:
+        return "sd15"
+    if model_gb <= 10:
+        return "sdxl"
+    return "flux"
+
+
+def environment_for(
+    backend: str,
+    *,
+    model_gb: float,
+    dataset_images: int,
+    where: Path,
+    family: str | None = None,
+    backend_path: str | None = None,
+    python: str | None = None,
+    machine: Machine | None = None,
+    facts: dict[str, Any] | None = None,
+) -> tuple[list[Check], dict[str, Any], Plan]:
+    """`lorabuild env`: Gate 3's checks for a training described only by its sizes.
+
+    The same implementation as the gate: a notional plan is made for the sizes given, and checked
+    exactly as a spec's would be (with the model and pictures counted in the disk check).
+    """
+    from lorabuild.dataset import DatasetListing
+    from lorabuild.modelfile import ModelListing
+    from lorabuild.plan import make_plan
+    from lorabuild.spec import LoadedSpec, Spec
+    from lorabuild.studio import read_machine
+    from lorabuild.yamlsource import SourceMap
+
+    machine = machine or read_machine()
+    family = family or guess_family(model_gb)
+    backend_ref: dict[str, Any] = {"name": backend}
+    if backend_path:
+        backend_ref["path"] = backend_path
+    if python:
+        backend_ref["python"] = python
+    spec = Spec.model_validate(
+        {
+            "version": 1,
+            "name": "environment-check",
+            "base_model": {"path": "model.safetensors", "family": family},
+            "dataset": {"path": "."},
+            "backend": backend_ref,
+        }
+    )
+    here = Path.cwd()
+    loaded = LoadedSpec(spec, here / "lorabuild-env.yaml", SourceMap("(lorabuild env)", None))
+    images = tuple(f"picture-{i:05d}.png" for i in range(dataset_images))
+    dataset = DatasetListing(here, images, (), images, dataset_images * DATASET_BYTES_PER_IMAGE)
+    model = ModelListing(here / "model.safetensors", "file", (), int(model_gb * 1e9))
+    plan = make_plan(loaded, machine, dataset, model, grimoire=where)
+    checks, record = check_environment(plan, machine.gpus, where, facts, inputs_to_place=True)
+    return checks, record, plan

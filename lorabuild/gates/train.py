@@ -18,14 +18,19 @@ import click
 
 from lorabuild import backends
 from lorabuild.backends import Event
+from lorabuild.diagnose import diagnose
 from lorabuild.fsutil import atomic_write_json, remove_path
 from lorabuild.gates import GateContext, GateFailed
-from lorabuild.procs import run_streaming
+from lorabuild.limits import read_limit, record_limit
+from lorabuild.plan import TrainingPlan
+from lorabuild.procs import LaunchFailed, run_streaming
 from lorabuild.progress import ProgressTracker
 
 TITLE = "Training"
 
 # Everything that changes the trained result; not checkpoint policy, monitor thresholds or estimates.
+# The batch split is left out: out-of-memory recovery changes batch size × accumulation without
+# changing the result, and must not make a finished training run again.
 READS = (
     "name",
     "backend",
@@ -35,11 +40,12 @@ READS = (
     "dataset.repeats",
     "dataset.images",
     "dataset.captions",
-    "training",
-    "steps",
+    *(f"training.{f}" for f in TrainingPlan.model_fields if f not in ("batch_size", "gradient_accumulation")),
+    "steps.total_steps",
+    "steps.epochs",
+    "steps.effective_batch",
     "samples",
     "compute.target",
-    "resume_key",
 )
 
 ERRORS: dict[str, str] = {
@@ -93,6 +99,7 @@ def confirm(ctx: GateContext) -> None:
         raise GateFailed("you chose not to start training", "run again when you are ready")
 
 
+MAX_OOM_RETRIES = 3  # workflow.md: up to 3 attempts, each at half the batch size
 RUN_STAMP = ".lorabuild-run.json"  # in checkpoints/: the settings its checkpoints were made with
 
 
@@ -145,6 +152,61 @@ def run(ctx: GateContext) -> None:
     )
     tracker.know_checkpoints([c.path for c in existing])
     tracker.write(force=True)
+    final = backends.final_lora(plan, output_dir)
+    final.unlink(missing_ok=True)  # only a file this run writes counts as its result
+    batch, accumulation = plan.training.batch_size, plan.training.gradient_accumulation
+    limit = read_limit(ctx.run.limits, ctx.machine_key)
+    if limit and limit["batch_size"] < batch:
+        # learned in this very run (the dry run ran out of memory): start where it fits
+        while batch > limit["batch_size"]:
+            batch, accumulation = max(1, batch // 2), accumulation * 2
+        tracker.notes.append(
+            f"starting at batch size {batch}: the dry run ran out of memory at {plan.training.batch_size}"
+        )
+    with open(ctx.run.train_log, "a" if existing else "w", encoding="utf-8") as log:
+        if existing:
+            log.write(f"\n# lorabuild: starting again; {len(existing)} checkpoint(s) on disk\n")
+        while True:
+            result = _attempt(ctx, log, tracker, output_dir, batch, accumulation)
+            if result.ok and final.is_file():
+                break
+            if result.kind == "oom" and batch > 1 and tracker.oom_recoveries < MAX_OOM_RETRIES:
+                old = batch
+                batch, accumulation = max(1, batch // 2), accumulation * 2
+                tracker.oom_recoveries += 1
+                message = f"Hit memory limit — reducing batch size from {old} to {batch} and retrying"
+                tracker.notes.append(message)
+                tracker.write(force=True)
+                ctx.console.say(f"  {message}")
+                log.write(f"\n# lorabuild: {message}\n")
+                record_limit(ctx.run.limits, ctx.machine_key, batch_size=batch, failed_at=old, where="training")
+                continue
+            tracker.finish("FAILED", result.what)
+            raise GateFailed(
+                f"Training failed — {result.what}",
+                f"read {ctx.run.train_log}; run again to resume from the newest checkpoint",
+                result.details,
+            )
+    os.replace(final, ctx.run.lora)
+    for removed in backends.prune_checkpoints(plan, output_dir):
+        tracker.handle(Event("checkpoint_removed", {"path": str(removed)}))
+    tracker.finish("COMPLETE", f"the LoRA is at {ctx.run.lora}")
+    ctx.console.say(f"  Your LoRA is ready: {ctx.run.lora}")
+
+
+class _Outcome:
+    def __init__(self, ok: bool, kind: str | None = None, what: str = "", details: list[str] | None = None):
+        self.ok = ok
+        self.kind = kind
+        self.what = what
+        self.details = details or []
+
+
+def _attempt(
+    ctx: GateContext, log: Any, tracker: ProgressTracker, output_dir: Path, batch: int, accumulation: int
+) -> _Outcome:
+    """One launch of the backend (resuming from the newest checkpoint); what came of it."""
+    plan = ctx.plan
     errors: list[dict[str, Any]] = []
     last_report = [0.0]
 
@@ -155,38 +217,42 @@ def run(ctx: GateContext) -> None:
                 errors.append(event.data)
             _report(ctx, event, tracker, last_report)
 
-    launch = backends.launch(plan, ctx.run.backend_dir, output_dir)
+    override = batch != plan.training.batch_size
+    launch = backends.launch(
+        plan,
+        ctx.run.backend_dir,
+        output_dir,
+        batch_size=batch if override else None,
+        gradient_accumulation=accumulation if override else None,
+    )
+    try:
+        finished = run_streaming(launch, log=log, on_line=on_line, pid_file=ctx.run.backend_pid)
+    except KeyboardInterrupt:
+        tracker.finish("STOPPED", "stopped before the end; run again to resume from the newest checkpoint")
+        raise
+    except LaunchFailed as exc:
+        return _Outcome(False, "not_installed", f"the backend could not be started: {exc.program}: {exc.reason}")
     final = backends.final_lora(plan, output_dir)
-    final.unlink(missing_ok=True)  # only a file this run writes counts as its result
-    with open(ctx.run.train_log, "a" if existing else "w", encoding="utf-8") as log:
-        if existing:
-            log.write(f"\n# lorabuild: starting again; {len(existing)} checkpoint(s) on disk\n")
-        try:
-            finished = run_streaming(launch, log=log, on_line=on_line, pid_file=ctx.run.backend_pid)
-        except KeyboardInterrupt:
-            tracker.finish("STOPPED", "stopped before the end; run again to resume from the newest checkpoint")
-            raise
     # exit codes lie (accelerate, train.sh, Ctrl-C in ai-toolkit): the LoRA file and the errors decide
-    if finished.returncode != 0 or errors or not final.is_file():
-        kind = next((str(e.get("kind")) for e in errors if e.get("kind") in ERRORS), None)
-        if kind is None and backends.is_out_of_memory(plan, "\n".join(finished.tail)):
-            kind = "oom"
-        if kind is None and finished.returncode == 0 and not final.is_file():
-            what = "the backend finished without writing the LoRA file"
-        else:
-            what = ERRORS.get(kind or "", f"the backend stopped with exit code {finished.returncode}")
-        details = [str(e.get("message")) for e in errors] or [t for t in finished.tail[-5:] if t.strip()]
-        tracker.finish("FAILED", what)
-        raise GateFailed(
-            f"Training failed — {what}",
-            f"read {ctx.run.train_log}; run again to resume from the newest checkpoint",
-            details,
+    if finished.returncode == 0 and not errors and final.is_file():
+        return _Outcome(True)
+    text = "\n".join(finished.tail)
+    kinds = [str(e.get("kind")) for e in errors]
+    if not kinds and backends.is_out_of_memory(plan, text):
+        kinds = ["oom"]
+    if not kinds and finished.returncode == 0 and not final.is_file():
+        what, kind = "the backend finished without writing the LoRA file", "internal"
+    else:
+        found = diagnose(kinds, text)
+        kind = found.kind
+        what = ERRORS.get(
+            kind,
+            found.what if found.kind != "internal" else f"the backend stopped with exit code {finished.returncode}",
         )
-    os.replace(final, ctx.run.lora)
-    for removed in backends.prune_checkpoints(plan, output_dir):
-        tracker.handle(Event("checkpoint_removed", {"path": str(removed)}))
-    tracker.finish("COMPLETE", f"the LoRA is at {ctx.run.lora}")
-    ctx.console.say(f"  Your LoRA is ready: {ctx.run.lora}")
+    details = [str(e.get("message")) for e in errors if e.get("message")] or [
+        t for t in finished.tail[-5:] if t.strip()
+    ]
+    return _Outcome(False, kind, what, details)
 
 
 def _report(ctx: GateContext, event: Event, tracker: ProgressTracker, last: list[float]) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,6 +37,28 @@ if TYPE_CHECKING:
     from lorabuild.trainer.lora import LoRANetwork
 
 STATE_FORMAT: Final = 1
+
+
+MEMORY_HEADROOM_ENV = "LORABUILD_MEMORY_HEADROOM_MB"
+
+
+def cap_memory(torch: Any) -> None:
+    """With LORABUILD_MEMORY_HEADROOM_MB set, cap this process's address space (RLIMIT_AS) at what
+    it uses once its libraries and model are loaded, plus that headroom: a real memory limit for a
+    shared machine, and how the tests make a large batch genuinely run out of memory."""
+    headroom = os.environ.get(MEMORY_HEADROOM_ENV)
+    if not headroom or not sys.platform.startswith("linux"):
+        return
+    import resource
+
+    # oneDNN reports a failed allocation as "could not create a primitive"; PyTorch's own kernels
+    # raise a plain out-of-memory error, which is what a capped run must report
+    torch.backends.mkldnn.enabled = False
+    torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pools before the cap
+    with open("/proc/self/status", encoding="ascii") as status:
+        size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    limit = size + int(float(headroom) * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 @dataclass
@@ -190,6 +213,7 @@ class Run:
             weight_dtype = torch.float16 if t.mixed_precision == "fp16" else torch.bfloat16
         model = load_model(cfg.model.path, device, weight_dtype)
         network = LoRANetwork(model.unet, t.rank, t.alpha, derive_seed(t.seed, "lora-init")).to(device)
+        cap_memory(torch)  # after every library and the model are loaded: the cap is for training itself
         self.out.emit(
             "model_loaded",
             seconds=round(time.monotonic() - loading, 3),
