@@ -252,10 +252,11 @@ def test_not_enough_disk_is_a_failure_with_its_fix(bare_project: Any, monkeypatc
     from lorabuild.gates.environment import environment_for
 
     monkeypatch.setattr(environment, "free_bytes", lambda where: 2_000_000_000)
-    checks, record, _ = environment_for(
+    checks, record, _plan = environment_for(
         "builtin", model_gb=6.5, dataset_images=30, where=bare_project.root, facts=GOOD_PROBE
     )
     (disk,) = [c for c in checks if c.name == "disk"]
-    assert not disk.ok and "only 2.0 GB free disk" in disk.message and "base model" in disk.message
+    assert not record["passed"] and not disk.ok
+    assert "only 2.0 GB free disk" in disk.message and "base model" in disk.message
     assert "free some disk space" in disk.fix
 
