@@ -98,28 +98,42 @@ def status(spec: Path, as_json: bool, root: Path | None) -> None:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
-def validate(paths: tuple[str, ...]) -> None:
-    """Check specs (files, folders or globs) without running anything."""
-    from lorabuild.validate import UsageError, expand_paths, validate_spec
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json", "github"]),
+    default="text",
+    show_default=True,
+    help="text: file:line:col lines; json: one document for scripts; github: GitHub Actions annotations.",
+)
+@click.option(
+    "--schema-only",
+    is_flag=True,
+    help="Skip the checks that need the dataset and model files (for repositories without them).",
+)
+def validate(paths: tuple[str, ...], output_format: str, schema_only: bool) -> None:
+    """Check specs (files, folders or globs) without running anything, GPU or torch.
+
+    Exit code 0 when every spec is valid (warnings allowed), 1 when any is invalid, 2 when the
+    command is used wrongly (no spec found, unknown option).
+    """
+    from lorabuild import validate as checks
 
     try:
-        files = expand_paths(list(paths))
-    except UsageError as exc:
+        files = checks.expand_paths(paths)
+    except checks.UsageError as exc:
         raise click.UsageError(str(exc)) from None
     if not files:
         raise click.UsageError("no .yaml or .yml spec files found")
-    invalid = 0
-    for file in files:
-        report = validate_spec(file)
-        for problem in report.problems:
-            click.echo(problem.render())
-        if not report.valid:
-            invalid += 1
-    click.echo(
-        f"{len(files)} spec{'s' if len(files) != 1 else ''} checked: {len(files) - invalid} valid, {invalid} invalid",
-        err=True,
-    )
-    sys.exit(1 if invalid else 0)
+    reports = checks.validate_paths(files, schema_only=schema_only)
+    if output_format == "json":
+        click.echo(checks.render_json(reports))
+    else:
+        lines = checks.render_github(reports) if output_format == "github" else checks.render_text(reports)
+        for line in lines:
+            click.echo(line)
+        click.echo(checks.summary_line(reports), err=True)
+    sys.exit(checks.exit_code(reports))
 
 
 @cli.command()
@@ -128,6 +142,65 @@ def schema() -> None:
     from lorabuild.spec import schema_text
 
     click.echo(schema_text(), nl=False)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def explain(spec: Path, as_json: bool) -> None:
+    """Show every setting of SPEC: its value, where it came from, and what it means."""
+    from lorabuild.explain import explain_spec, render_text
+
+    try:
+        explanation = explain_spec(spec)
+    except SpecError as exc:
+        _print_spec_error(exc)
+        sys.exit(EXIT_SPEC)
+    click.echo(json.dumps(explanation.as_dict(), indent=2) if as_json else render_text(explanation))
+
+
+@cli.command("init")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("training.yaml"),
+    show_default=True,
+    help="Where to write the spec.",
+)
+@click.option("--force", is_flag=True, help="Replace the file if it exists.")
+@click.option("--non-interactive", is_flag=True, help="Ask nothing: take every answer from the flags (for scripts).")
+@click.option("--what", type=click.Choice(["character", "style", "object"]), help="What the LoRA learns.")
+@click.option("--family", help="Base model family: sd15, sdxl, pony, flux, or demo (lorabuild's tiny model).")
+@click.option("--model", help="The base model's file or diffusers folder.")
+@click.option("--dataset", help="The folder of training pictures and captions.")
+@click.option("--images", type=click.IntRange(1, 100_000), help="How many pictures, if the folder is not there yet.")
+@click.option("--target", help="Where it trains: local, ssh, runpod or vastai.")
+@click.option("--host", help="The SSH host (with --target ssh).")
+@click.option("--gpu", help="The GPU's name, e.g. 'RTX 4090'.")
+@click.option(
+    "--vram-gb", type=click.FloatRange(1, 2048), help="The GPU's memory in GB (if lorabuild does not know it)."
+)
+@click.option("--preset", help="quick, standard or thorough.")
+@click.option("--name", help="The LoRA's short name (lowercase letters, digits, - and _).")
+@click.option("--backend", help="builtin, kohya, simpletuner or ai-toolkit (default: chosen from the model).")
+def init_spec(output: Path, force: bool, non_interactive: bool, **flags: object) -> None:
+    """Write a commented training spec from a few questions (validated before it is saved)."""
+    from lorabuild.initspec import InitError, answers_from, write_spec
+
+    if (Path.cwd() / output).exists() and not force:  # before any question
+        click.echo(f"{output} already exists — use --force to replace it, or -o to write another file", err=True)
+        sys.exit(1)
+    answers = answers_from(flags, interactive=not non_interactive)
+    try:
+        result = write_spec(answers, output, force=force)
+    except InitError as exc:
+        for problem in exc.problems:
+            click.echo(problem.render(), err=True)
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    for line in result.report():
+        click.echo(line)
 
 
 def main() -> None:
