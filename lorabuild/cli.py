@@ -203,6 +203,137 @@ def init_spec(output: Path, force: bool, non_interactive: bool, **flags: object)
         click.echo(line)
 
 
+@cli.command()
+@click.option(
+    "--model", "family", type=click.Choice(["sd15", "sdxl", "pony", "flux"]), required=True, help="Model family."
+)
+@click.option("--resolution", type=click.IntRange(64, 4096), required=True, help="Picture width in pixels.")
+@click.option("--height", type=click.IntRange(64, 4096), default=None, help="Picture height (default: square).")
+@click.option("--batch", type=click.IntRange(1, 256), required=True, help="Batch size.")
+@click.option("--rank", type=click.IntRange(1, 1024), required=True, help="LoRA rank.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]),
+    default="adamw8bit",
+    show_default=True,
+)
+@click.option(
+    "--base-precision",
+    type=click.Choice(["fp32", "bf16", "fp16", "fp8", "nf4"]),
+    default="bf16",
+    show_default=True,
+    help="Number format of the frozen base model.",
+)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="bf16", show_default=True)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
+@click.option("--cache-latents/--no-cache-latents", default=True, show_default=True)
+@click.option("--cache-text-encoder/--no-cache-text-encoder", default=True, show_default=True)
+@click.option("--train-text-encoder/--no-train-text-encoder", default=False, show_default=True)
+@click.option(
+    "--lora-targets",
+    type=click.Choice(["all", "attention"]),
+    default="all",
+    show_default=True,
+    help="LoRA on every usual layer, or on attention only.",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"total_gb": …, "breakdown": {…}} for scripts.')
+def vram(
+    family: str,
+    resolution: int,
+    height: int | None,
+    batch: int,
+    rank: int,
+    optimizer: str,
+    base_precision: str,
+    mixed_precision: str,
+    gradient_checkpointing: bool,
+    cache_latents: bool,
+    cache_text_encoder: bool,
+    train_text_encoder: bool,
+    lora_targets: str,
+    as_json: bool,
+) -> None:
+    """Estimate the GPU memory a LoRA training needs, part by part, and which GPUs fit it."""
+    from lorabuild.estimate import MemoryInputs, memory_report, render_memory_report
+
+    inputs = MemoryInputs(
+        family=family,
+        resolution=resolution,
+        height=height,
+        batch_size=batch,
+        rank=rank,
+        optimizer=optimizer,
+        base_precision=base_precision,
+        mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
+        cache_latents=cache_latents,
+        cache_text_encoder_outputs=cache_text_encoder,
+        train_text_encoder=train_text_encoder,
+        lora_targets=lora_targets,
+    )
+    report = memory_report(inputs)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render_memory_report(inputs, report))
+
+
+@cli.command()
+@click.option("--backend", type=click.Choice(["builtin", "kohya", "simpletuner", "ai-toolkit"]), required=True)
+@click.option("--model-size", type=click.FloatRange(0.001, 1000), required=True, help="Base model size in GB.")
+@click.option("--dataset-size", type=click.IntRange(1, 1_000_000), required=True, help="Number of pictures.")
+@click.option(
+    "--family",
+    type=click.Choice(["sd15", "sdxl", "pony", "flux"]),
+    default=None,
+    help="Model family (default: guessed from the model size).",
+)
+@click.option("--backend-path", default=None, help="Where the backend is installed.")
+@click.option("--python", "python_path", default=None, help="The backend environment's Python.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@root_option
+def env(
+    backend: str,
+    model_size: float,
+    dataset_size: int,
+    family: str | None,
+    backend_path: str | None,
+    python_path: str | None,
+    as_json: bool,
+    root: Path | None,
+) -> None:
+    """Check this machine for a training: GPU, CUDA, PyTorch, the backend and free disk (Gate 3).
+
+    Only reads, so it is safe to run again at any time (after an SSH drop, say). Exit code 0 when
+    everything passes, 1 when something must be fixed first.
+    """
+    from lorabuild.gates.environment import environment_for
+
+    where = (root or Path.cwd() / "grimoire").resolve()
+    checks, record, plan = environment_for(
+        backend,
+        model_gb=model_size,
+        dataset_images=dataset_size,
+        where=where,
+        family=family,
+        backend_path=backend_path,
+        python=python_path,
+    )
+    if as_json:
+        click.echo(json.dumps({**record, "family": plan.model.family}, indent=2, default=str))
+    else:
+        click.echo(
+            f"Environment for {backend}, a {model_size:g} GB {plan.model.family} model and {dataset_size} pictures:"
+        )
+        for check in checks:
+            mark = "✓" if check.ok and not check.warning else ("!" if check.ok else "✗")
+            click.echo(
+                f"  {mark} {check.message}" + (f"\n      Fix: {check.fix}" if check.fix and not check.ok else "")
+            )
+        click.echo("Passed." if record["passed"] else "Not ready: fix the problems above, then run this again.")
+    sys.exit(0 if record["passed"] else 1)
+
+
 def main() -> None:
     cli(prog_name="lorabuild")
 

@@ -3,9 +3,8 @@
 Owns the list of settings shown to people (every section of the spec, in the spec's order), the
 words for where a value came from (the plan's `sources` labels: "spec", "preset quick", "sdxl
 default", ...), and the two renderings: a terminal page and JSON. The explanations themselves come
-from `lorabuild.glossary`; the few settings the glossary does not explain yet have a line in
-`PENDING_TERMS` until the glossary takes them. Planning is validate's (the machine the spec
-declares), so `explain` is as light as `validate`: no torch, no GPU.
+from `lorabuild.glossary`. Planning is validate's (the machine the spec declares), so `explain` is
+as light as `validate`: no torch, no GPU.
 """
 
 from __future__ import annotations
@@ -22,40 +21,6 @@ from lorabuild.plan import Plan
 from lorabuild.spec import LoadedSpec, load_spec
 from lorabuild.validate import FAMILY_WORDS, Validator
 from lorabuild.yamlsource import Problem, SpecError
-
-# Settings the glossary has no line for yet (reported to the glossary's owner): used only while
-# `TERMS` lacks the term, so the glossary stays the one home of every explanation.
-PENDING_TERMS: dict[str, str] = {
-    "version": "the spec format's version; always 1 for now",
-    "name": "the LoRA's short name; it names the run folder and the finished file",
-    "demo": "lorabuild's tiny built-in model for trying things out; it learns simple shapes on any computer",
-    "vae": "the part of the model that turns pictures into its compressed form and back; a separate file "
-    "replaces the model's own",
-    "caption_extension": "the ending of your caption files' names, e.g. .txt for picture1.txt",
-    "backend_path": "where the training program is installed",
-    "backend_python": "the Python that runs the training program (its own environment)",
-    "grimoire": "the folder that holds every run folder and lorabuild's bookkeeping",
-    "compute_target": "where training runs: this computer (local), a machine over SSH, or a rented cloud GPU "
-    "(runpod, vastai)",
-    "gpu_count": "how many graphics cards training uses",
-    "ssh": "how to reach the remote machine over SSH: its address, user name, port and key file",
-    "remote_dir": "the working folder on the remote machine",
-    "max_price_per_hour": "the most you will pay per hour for a cloud GPU, in US dollars",
-    "min_reliability": "skip cloud machines less reliable than this (0 to 1)",
-    "region": "where in the world the cloud machine should be",
-    "disk_gb": "disk space to rent with the cloud machine, in GB",
-    "image": "the software image the cloud machine starts from",
-    "max_hours": "a deadline: the cloud machine deletes itself after this many hours, so it never runs up a bill",
-    "plateau_min_delta": "how much the smoothed loss must improve to count as progress",
-    "divergence_epochs": "warn when the loss has gone up for this many epochs in a row",
-    "divergence_tolerance": "how much the loss may rise (0.15 = 15%) before it counts as going up",
-    "spike_factor": "a loss this many times above its recent average counts as an explosion",
-    "ema_beta": "how slowly the smoothed loss follows the real one (closer to 1 = smoother)",
-    "stop_on_nan": "stop training at once when the loss becomes NaN (not a number)",
-    "sample_prompts": "prompts for sample pictures rendered during training, to watch the LoRA learn",
-    "sample_every_n_epochs": "render the sample pictures after every this many epochs",
-    "sample_steps": "how many denoising steps each sample picture takes; more is slower but cleaner",
-}
 
 # The glossary term of each setting whose term is not simply its own last name.
 TERM_OF: dict[str, str] = {
@@ -98,7 +63,7 @@ REMOTE_ONLY = (
 def meaning(key: str) -> str:
     """The plain-language line for a setting (dotted key)."""
     term = TERM_OF.get(key, key.rsplit(".", 1)[-1])
-    return TERMS.get(term) or PENDING_TERMS.get(term, "")
+    return TERMS.get(term, "")
 
 
 def source_words(label: str) -> str:

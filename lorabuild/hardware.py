@@ -8,6 +8,7 @@ estimates: memory-bound parts scale less).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -54,18 +55,19 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "", text)
 
 
+_KEYS: tuple[tuple[str, GpuModel], ...] = tuple(
+    # longest names first, so "RTX 3090 Ti" is found before "RTX 3090"
+    sorted(((_key(g.name), g) for g in GPUS), key=lambda item: -len(item[0]))
+)
+
+
+@functools.lru_cache(maxsize=256)
 def find_gpu(name: str | None) -> GpuModel | None:
     """The catalogue entry for a GPU name as NVML, a provider or a person writes it."""
     if not name:
         return None
     wanted = _key(name)
-    best: GpuModel | None = None
-    for gpu in GPUS:
-        key = _key(gpu.name)
-        # the longest matching name wins, so "RTX 3090 Ti" beats "RTX 3090"
-        if (key == wanted or key in wanted) and (best is None or len(key) > len(_key(best.name))):
-            best = gpu
-    return best
+    return next((gpu for key, gpu in _KEYS if key in wanted), None)
 
 
 def smallest_gpu_with(vram_gb: float) -> GpuModel | None:

@@ -257,7 +257,7 @@ def backend_python(loaded: LoadedSpec) -> str:
     """The Python that runs the backend: the spec's, the backend checkout's venv, or ours."""
     ref = loaded.spec.backend
     if ref.python:
-        return str(loaded.resolve(ref.python))
+        return str(loaded.absolute(ref.python))
     if ref.name == "builtin":
         return sys.executable
     if ref.path:
@@ -654,7 +654,8 @@ def _memory_issue(plan: Plan, family: str) -> Issue:
         ideas.append("`gradient_checkpointing: true`")
     bigger = hardware.smallest_gpu_with(e.memory_needed_gb)
     if bigger is not None:
-        ideas.append(f"a GPU with more memory (a {bigger.name} with {bigger.vram_gb:g} GB fits as it is)")
+        article = "an" if bigger.name[0] in "AEFHILMNORSX" else "a"  # as the letter is spoken: "an H100"
+        ideas.append(f"a GPU with more memory ({article} {bigger.name} with {bigger.vram_gb:g} GB fits as it is)")
     where = "VRAM" if d.kind == "gpu" else "RAM"
     return Issue(
         kind="memory",

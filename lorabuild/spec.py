@@ -54,6 +54,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _usable_path(value: object) -> object:
+    # the operating system cannot open such a name; say so instead of failing deep inside a gate
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("the path holds a NUL character (\\0), which no file name can — remove it from the path")
+    return value
+
+
+PathText = Annotated[str, BeforeValidator(_usable_path)]
+
+
 def _no_means_no(value: object) -> object:
     # YAML 1.1 reads a bare `no` as false; kohya users write `mixed_precision: no`.
     return "no" if value is False else value
@@ -62,7 +72,7 @@ def _no_means_no(value: object) -> object:
 class BaseModelRef(_Section):
     """The base model the LoRA is trained on."""
 
-    path: str | None = Field(
+    path: PathText | None = Field(
         None,
         description="Model file (.safetensors) or diffusers folder; relative to the spec's folder.",
     )
@@ -73,7 +83,7 @@ class BaseModelRef(_Section):
     family: Family | None = Field(
         None, description="Model family: sd15, sdxl, pony (an SDXL model) or flux. Required with `path`."
     )
-    vae: str | None = Field(None, description="Optional separate VAE file, relative to the spec's folder.")
+    vae: PathText | None = Field(None, description="Optional separate VAE file, relative to the spec's folder.")
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseModelRef:
@@ -91,7 +101,7 @@ class BaseModelRef(_Section):
 class DatasetRef(_Section):
     """Where the training pictures and their captions are."""
 
-    path: str = Field(description="Folder of images with caption files beside them; relative to the spec.")
+    path: PathText = Field(description="Folder of images with caption files beside them; relative to the spec.")
     caption_extension: str = Field(
         ".txt", pattern=r"^\.[A-Za-z0-9_-]{1,16}$", description="Extension of the caption files."
     )
@@ -102,8 +112,8 @@ class BackendRef(_Section):
     """Which trainer runs the training, and where it is installed."""
 
     name: BackendName = Field(description="builtin, kohya, simpletuner or ai-toolkit.")
-    path: str | None = Field(None, description="Where the backend is installed (its repository checkout).")
-    python: str | None = Field(
+    path: PathText | None = Field(None, description="Where the backend is installed (its repository checkout).")
+    python: PathText | None = Field(
         None, description="The Python of the backend's own environment (default: its venv, else python3)."
     )
 
@@ -165,7 +175,7 @@ class Compute(_Section):
     host: str | None = Field(None, description="SSH host (compute: ssh).")
     user: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
-    identity_file: str | None = None
+    identity_file: PathText | None = None
     remote_dir: str | None = Field(None, description="Working folder on the remote machine.")
     max_price_per_hour: float | None = Field(None, gt=0, description="Highest price in USD per hour.")
     min_reliability: float | None = Field(None, ge=0, le=1)
@@ -225,7 +235,7 @@ class Spec(_Section):
     compute: Compute = Field(default_factory=Compute)
     monitor: Monitor = Field(default_factory=Monitor)
     samples: Samples = Field(default_factory=Samples)
-    grimoire: str | None = Field(
+    grimoire: PathText | None = Field(
         None, description="Folder holding run folders and state (default: ./grimoire in the working directory)."
     )
 
@@ -253,6 +263,11 @@ class LoadedSpec:
         """A path from the spec: `~` expanded, relative ones read from the spec's folder."""
         return (self.folder / os.path.expanduser(value)).resolve()
 
+    def absolute(self, value: str) -> Path:
+        """Like `resolve`, without following symlinks: a venv's `bin/python` is a symlink to the
+        base interpreter, and following it would leave the venv."""
+        return Path(os.path.abspath(self.folder / os.path.expanduser(value)))
+
     def locate(self, field_path: tuple[str | int, ...]) -> tuple[int, int]:
         return self.source.locate(field_path)
 
@@ -272,7 +287,7 @@ def load_spec(path: str | os.PathLike[str], *, check_files: bool = True) -> Load
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([source.problem_from_pydantic(err, Spec) for err in exc.errors()]) from None
+        raise SpecError(source.problems_from_pydantic(exc.errors(), Spec)) from None
     loaded = LoadedSpec(spec, file.resolve(), source)
     if check_files:
         problems = file_problems(loaded)

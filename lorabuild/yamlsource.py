@@ -124,6 +124,27 @@ class SourceMap:
         message, fix, at_key = _translate(error, path, model)
         return self.problem(path, message, fix, at_key=at_key)
 
+    def problems_from_pydantic(self, errors: list[Any], model: type) -> list[Problem]:
+        """Every error as a `Problem`, a union's per-member complaints merged into one."""
+        merged: dict[tuple[Any, ...], list[Any]] = {}
+        for error in errors:
+            loc = tuple(error["loc"])
+            if len(loc) > 1 and loc[-1] in _UNION_MEMBERS:
+                merged.setdefault(loc[:-1], []).append(error)
+            else:
+                merged.setdefault(loc, []).append(error)
+        problems = []
+        for loc, group in merged.items():
+            if len(group) > 1 and all(tuple(e["loc"])[-1] in _UNION_MEMBERS for e in group):
+                path = tuple(p for p in loc if isinstance(p, (str, int)))
+                kinds = [_UNION_MEMBERS[tuple(e["loc"])[-1]] for e in group]
+                shown = _show(group[0].get("input"))
+                problems.append(self.problem(path, f"should be {_either(kinds)}, got {shown}",
+                                             f"write {_either(kinds)}", at_key=False))
+            else:
+                problems.extend(self.problem_from_pydantic(e, model) for e in group)
+        return problems
+
 
 def _child(node: yaml.Node | None, part: str | int) -> yaml.Node | None:
     if isinstance(node, yaml.MappingNode) and isinstance(part, str):
@@ -159,6 +180,8 @@ def read_yaml(file: Path) -> tuple[Any, SourceMap]:
     except OSError as exc:
         raise fail(f"cannot read the file ({exc.strerror})", "check the path and the disk") from None
 
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise fail("the file is UTF-16 text, which YAML tools here do not read", "save it as UTF-8 in your editor")
     if b"\x00" in raw:
         raise fail("this is a binary file, not a text spec", "give the path of your training .yaml file")
     try:
@@ -181,6 +204,15 @@ def read_yaml(file: Path) -> tuple[Any, SourceMap]:
             raise fail("the spec is empty", "start from specs/example.yaml or run `lorabuild init` (see the README)")
         _check_structure(root, name)
         data = loader.construct_document(root)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise fail(
+            f"YAML tag not allowed: {exc.problem or 'a tag lorabuild does not read'}",
+            "remove the `!!` or `!` tag: a spec holds plain values",
+            line,
+            col,
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -200,7 +232,13 @@ def read_yaml(file: Path) -> tuple[Any, SourceMap]:
 
     source = SourceMap(name, root)
     if not isinstance(data, dict):
-        kinds: dict[type, str] = {list: "a list", str: "a single piece of text"}
+        kinds: dict[type, str] = {
+            list: "a list",
+            str: "a single piece of text",
+            int: "a number",
+            float: "a number",
+            bool: "true or false",
+        }
         kind = kinds.get(type(data), f"a {type(data).__name__}")
         raise SpecError(
             [
@@ -281,6 +319,15 @@ def _at(name: str, node: yaml.Node, message: str, fix: str) -> Problem:
 
 
 # --- pydantic errors in plain language ------------------------------------------------------
+
+# pydantic names the members of a `str | int | float | bool` union in the error location
+_UNION_MEMBERS = {"str": "text", "int": "a number", "float": "a number", "bool": "true or false"}
+
+
+def _either(kinds: list[str]) -> str:
+    unique = list(dict.fromkeys(kinds))
+    return ", ".join(unique[:-1]) + " or " + unique[-1] if len(unique) > 1 else unique[0]
+
 
 _FIELD_HINTS: dict[str, str] = {
     "name": "use a short name of lowercase letters, digits, - and _ (it becomes a folder name), e.g. mychar",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -69,3 +70,66 @@ def test_light_commands_never_import_heavy_modules(bare_project: Project, comman
 def test_python_dash_m_works(bare_project: Project) -> None:
     done = bare_project.lorabuild("--version")
     assert done.returncode == 0 and "lorabuild" in done.stdout
+
+
+def test_vram_prints_the_estimate_in_plain_language_and_json() -> None:
+    args = ["vram", "--model", "sdxl", "--resolution", "1024", "--batch", "2", "--rank", "16"]
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert "Estimated VRAM (the memory on your graphics card" in text.output
+    assert "base model weights (frozen)" in text.output and "Fits on:" in text.output
+    as_json = CliRunner().invoke(cli, [*args, "--json", "--optimizer", "prodigy", "--no-gradient-checkpointing"])
+    data = json.loads(as_json.output)
+    assert set(data) >= {"total_gb", "breakdown"} and data["total_gb"] == round(data["total_gb"], 2)
+    assert abs(sum(data["breakdown"].values()) - data["total_gb"]) < 0.02
+    smaller = json.loads(CliRunner().invoke(cli, [*args, "--json", "--base-precision", "fp8"]).output)
+    assert smaller["total_gb"] < data["total_gb"]
+    assert CliRunner().invoke(cli, ["vram", "--model", "sdxl"]).exit_code == 2  # usage error
+
+
+def test_env_shares_gate_3_and_reports_plainly(tmp_path: Path) -> None:
+    root = ["--root", str(tmp_path / "grimoire")]
+    ok = CliRunner().invoke(
+        cli,
+        ["env", "--backend", "builtin", "--model-size", "2", "--dataset-size", "30", "--python", sys.executable, *root],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "PyTorch" in ok.output and "free disk" in ok.output and ok.output.rstrip().endswith("Passed.")
+    data = json.loads(
+        CliRunner()
+        .invoke(
+            cli,
+            [
+                "env",
+                "--backend",
+                "builtin",
+                "--model-size",
+                "2",
+                "--dataset-size",
+                "30",
+                "--python",
+                sys.executable,
+                "--json",
+                *root,
+            ],
+        )
+        .output
+    )
+    assert data["passed"] is True and data["family"] == "sd15" and data["disk"]["parts"]["base model"] == 2e9
+    broken = CliRunner().invoke(
+        cli,
+        [
+            "env",
+            "--backend",
+            "builtin",
+            "--model-size",
+            "2",
+            "--dataset-size",
+            "3",
+            "--python",
+            str(tmp_path / "no-python"),
+            *root,
+        ],
+    )
+    assert broken.exit_code == 1 and "Python was not found" in broken.output and "Fix:" in broken.output
+    assert not (tmp_path / "grimoire").exists()  # it only reads

@@ -259,4 +259,3 @@ def test_not_enough_disk_is_a_failure_with_its_fix(bare_project: Any, monkeypatc
     assert not record["passed"] and not disk.ok
     assert "only 2.0 GB free disk" in disk.message and "base model" in disk.message
     assert "free some disk space" in disk.fix
-

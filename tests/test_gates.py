@@ -53,10 +53,17 @@ def test_a_missing_backend_module_fails_gate_2_plainly(bare_project: Project, mo
     assert "use `backend: builtin`" in failed.value.render()
 
 
-def test_missing_model_fails_gate_2(bare_project: Project) -> None:
-    bare_project.write_spec(base_model={"path": "models/nothing-here", "family": "sd15"})
+def test_missing_model_passes_gate_2_and_fails_gate_3(bare_project: Project) -> None:
+    # models usually live outside the spec's repository: Gate 2 plans without it, Gate 3 needs it
+    bare_project.write_spec(
+        base_model={"path": "models/nothing-here", "family": "sd15"},
+        dataset={"repeats": 7},
+        training={"resolution": 256},
+    )
     done = bare_project.lorabuild("run", "t.yaml")
     assert done.returncode == 1
+    assert "Gate 2 — training config passed" in done.stdout
+    assert "Gate 3 — environment failed" in done.stderr
     assert "the base model" in done.stderr and "was not found" in done.stderr
 
 

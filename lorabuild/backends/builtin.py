@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorabuild.backends import Checkpoint, ConfigLine, Event, Installation, Launch
+from lorabuild.backends import Checkpoint, ConfigLine, Event, Installation, Launch, supporting
 from lorabuild.glossary import TERMS, explain
 from lorabuild.probe import PROBE_SOURCE
 
@@ -88,8 +88,8 @@ def check_plan(plan: Plan) -> list[Issue]:
                 kind="backend",
                 field=("base_model", "family"),
                 message=f"the builtin trainer cannot train {plan.model.family} models",
-                fix="use `backend: kohya` (SD 1.5, SDXL, Pony, Flux), `simpletuner` (SDXL, Flux) or "
-                "`ai-toolkit` (SDXL, Flux) for this model",
+                fix="use a backend that can: "
+                + ", ".join(f"`backend: {name}`" for name in supporting(plan.model.family) if name != "builtin"),
             )
         )
     if plan.training.optimizer not in OPTIMIZERS:

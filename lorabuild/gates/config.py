@@ -80,11 +80,6 @@ def file_deps(ctx: GateContext) -> list[Path]:
 def run(ctx: GateContext) -> None:
     plan = ctx.plan
     problems = [f"{_where(ctx, i.field)}: {i.message} — {i.fix}" for i in plan.problems]
-    if plan.compute.target == "local" and plan.model.kind == "missing":
-        problems.append(
-            f"{_where(ctx, ('base_model', 'path'))}: the base model {plan.model.path} was not found — "
-            "check `base_model.path` (relative paths start at the spec's folder)"
-        )
     if problems:
         raise GateFailed(
             f"the training config cannot pass ({len(problems)} problem{'s' if len(problems) > 1 else ''})",

@@ -11,6 +11,7 @@ the backend's own words (lorabuild.diagnose): what happened, why, the fix.
 from __future__ import annotations
 
 import json
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def _attempt(ctx: GateContext, log: Any, batch: int, accumulation: int) -> tuple
             batch_size=batch if override else None,
             gradient_accumulation=accumulation if override else None,
         )
-        log.write(f"# lorabuild dry run: {' '.join(launch.argv[:4])} … ({steps} steps, batch size {batch})\n")
+        log.write(f"# lorabuild dry run ({steps} steps, batch size {batch}): {shlex.join(launch.argv)}\n")
         log.flush()
         try:
             finished = run_streaming(launch, log=log, on_line=on_line, pid_file=ctx.run.backend_pid)

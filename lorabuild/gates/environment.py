@@ -225,6 +225,23 @@ def check_environment(
     else:
         checks.extend(_cuda_checks(plan, gpus, facts, needs_gpu))
 
+    if inputs_to_place:
+        pass  # `lorabuild env`: the model is described by its size, not looked for
+    elif plan.compute.target == "local" and plan.model.kind == "missing":
+        checks.append(
+            Check(
+                "model",
+                False,
+                f"Problem: the base model {plan.model.path} was not found",
+                "check `base_model.path` (relative paths start at the spec's folder), or download the model there",
+            )
+        )
+    elif plan.compute.target == "local" and not plan.model.demo:
+        checks.append(
+            Check(
+                "model", True, f"The base model is there: {Path(plan.model.path).name} ({plan.model.bytes / GB:.1f} GB)"
+            )
+        )
     install = backends.installation(plan)
     modules = facts.get("modules") or {}
     missing = [name for name, version in modules.items() if version is None]
