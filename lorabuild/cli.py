@@ -334,6 +334,78 @@ def env(
     sys.exit(0 if record["passed"] else 1)
 
 
+@cli.command()
+@click.option(
+    "--log",
+    "log_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The training log to follow (it may not exist yet).",
+)
+@click.option("--epochs", type=click.IntRange(1, 100_000), required=True, help="Planned epochs.")
+@click.option(
+    "--backend",
+    type=click.Choice(["builtin", "kohya", "simpletuner", "ai-toolkit"]),
+    default="kohya",
+    show_default=True,
+    help="Which trainer wrote the log.",
+)
+@click.option(
+    "--steps", "total_steps", type=click.IntRange(1), default=None, help="Planned steps, when the log does not say."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where progress.json/.md and loss.png go (default: the log's folder).",
+)
+@click.option("--pid", type=int, default=None, help="Stop when this training process ends.")
+@click.option("--idle", type=click.FloatRange(1), default=None, help="Stop after this many seconds without output.")
+def monitor(
+    log_path: Path,
+    epochs: int,
+    backend: str,
+    total_steps: int | None,
+    out: Path | None,
+    pid: int | None,
+    idle: float | None,
+) -> None:
+    """Follow a training log (any backend, any launcher) and keep progress.md current.
+
+    Warns about a loss plateau or divergence, reports an explosion, draws loss.png, and stops
+    when the run ends. Exit code 0 when it completed, 1 when it failed or stopped early.
+    """
+    from lorabuild.monitor import monitor_log
+    from lorabuild.ui import Console, TrainingView
+
+    folder = (out or log_path.parent).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    view = TrainingView(Console(), total_steps or 0, epochs)
+
+    def show(event: object) -> None:
+        from lorabuild.backends import Event
+
+        if isinstance(event, Event) and event.kind == "epoch":
+            view.say(f"  epoch {event.data.get('epoch')} done")
+
+    click.echo(f"Following {log_path} — progress in {folder / 'progress.md'} (Ctrl-C stops watching, not training)")
+    try:
+        status = monitor_log(
+            log_path.resolve(),
+            backend=backend,
+            epochs=epochs,
+            out=folder,
+            total_steps=total_steps,
+            pid=pid,
+            idle_timeout=idle,
+            on_event=show,
+        )
+    finally:
+        view.close()
+    click.echo(f"Run {status.lower()}: see {folder / 'progress.md'}")
+    sys.exit(0 if status == "COMPLETE" else 1)
+
+
 def main() -> None:
     cli(prog_name="lorabuild")
 

@@ -17,7 +17,7 @@ from lorabuild.backends import Event
 from lorabuild.fsutil import atomic_write_json, atomic_write_text
 from lorabuild.glossary import Explainer
 
-WRITE_INTERVAL_S = 0.5
+WRITE_INTERVAL_S = 0.25  # at most four writes a second; a held-back write is flushed within a tick
 
 
 @dataclass
@@ -46,7 +46,9 @@ class ProgressTracker:
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     memory_used_gb: float | None = None
     memory_total_gb: float | None = None
+    loss_plot: str | None = None  # file name of the loss curve beside progress.md
     _started: float = field(default_factory=time.monotonic)
+    _dirty: bool = False
     _started_step: int = 0
     _last_write: float = 0.0
     _ema: float = 0.0
@@ -100,6 +102,11 @@ class ProgressTracker:
             urgent = True
         self.write(force=urgent)
 
+    def flush(self) -> None:
+        """Write what a throttled `write` held back, once its interval has passed."""
+        if self._dirty and time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
+            self.write(force=True)
+
     def elapsed(self) -> float:
         return time.monotonic() - self._started
 
@@ -138,14 +145,18 @@ class ProgressTracker:
             "anomalies": list(self.anomalies),
             "notes": list(self.notes),
             "message": self.message,
+            "loss_plot": self.loss_plot,
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
     def write(self, force: bool = False) -> None:
+        """Write both files now if forced or due; otherwise leave it to the next `flush`."""
         now = time.monotonic()
         if not force and now - self._last_write < WRITE_INTERVAL_S:
+            self._dirty = True
             return
         self._last_write = now
+        self._dirty = False
         record = self.record()
         atomic_write_json(self.json_path, record)
         atomic_write_text(self.md_path, render_progress_md(record))
@@ -193,9 +204,12 @@ def render_progress_md(p: dict[str, Any]) -> str:
     if p.get("resumed_from_step"):
         lines.append(f"- **Resumed from step**: {p['resumed_from_step']} ({ex.first('resume')})")
     for anomaly in p.get("anomalies") or []:
-        lines.append(f"- **Warning**: {anomaly['message']}")
+        word = {"explosion": "Stopped" if p["status"] != "RUNNING" else "Problem"}.get(anomaly["kind"], "Warning")
+        lines.append(f"- **{word}** (epoch {anomaly.get('epoch')}): {anomaly['message']}")
     for note in p.get("notes") or []:
         lines.append(f"- **Note**: {note}")
+    if p.get("loss_plot"):
+        lines += ["", f"![Loss curve: each step faintly, the smoothed loss boldly]({p['loss_plot']})"]
     lines.append("")
     lines.append(f"_Updated {p['updated_at']}._")
     lines.append("")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 
@@ -51,3 +51,46 @@ class Console:
 
     def problem(self, text: str) -> None:
         self._echo(text, err=True)
+
+
+class TrainingView:
+    """What a person sees while training runs: a progress bar on a terminal, epoch lines always."""
+
+    def __init__(self, console: Console, total_steps: int, epochs: int, bar: bool | None = None):
+        self.console = console
+        self.epochs = epochs
+        self.total = total_steps
+        self._progress: Any = None
+        self._task: Any = None
+        if bar if bar is not None else (console.colour and not console.quiet):
+            from rich.console import Console as RichConsole
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("  training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[loss]}"),
+                TimeRemainingColumn(),
+                console=RichConsole(file=console.out),
+                transient=True,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, loss="")
+            self._progress.start()
+
+    def say(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False)
+        else:
+            self.console.say(text)
+
+    def step(self, step: int, total: int, loss: float | None, smoothed: float | None) -> None:
+        if self._progress is None:
+            return
+        shown = f"loss {smoothed:.4f}" if smoothed is not None else (f"loss {loss:.4f}" if loss is not None else "")
+        self._progress.update(self._task, completed=step, total=total or self.total, loss=shown)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -51,8 +52,9 @@ class Event:
     Kinds and fields (docs/trainer.md has the full list): `step` (step, total_steps, epoch,
     epochs, loss, lr), `epoch` (epoch, epochs, mean_loss), `checkpoint` (path, step, epoch),
     `resumed` (step, epoch), `model_loaded`, `dataset` (images, total_steps), `saved` (path),
-    `done`, `warning` (message), `error` (kind: config | model_load | dataset | caption | oom |
-    nan | cuda | not_installed | internal, message).
+    `done`, `warning` (message; `kind: oom` for a batch a backend skipped for lack of memory),
+    `error` (kind: config | model_load | dataset | caption | oom | nan | cuda | not_installed |
+    interrupted | internal, message).
     """
 
     kind: str
@@ -221,6 +223,16 @@ def parse_log_line(plan: Plan, line: str) -> list[Event]:
     and \\r, stripped, never empty)."""
     events: list[Event] = _module(plan.backend.name).parse_log_line(line)
     return events
+
+
+def log_reader_for(name: str) -> Callable[[str], list[Event]]:
+    """A reader for one run's console output of backend `name`, for logs of runs lorabuild did not
+    launch (`lorabuild monitor`). Backends whose lines need context (kohya's epochs) start a fresh
+    reading state here."""
+    module = _module(name)
+    fresh = getattr(module, "new_log_reader", None)
+    reader: Callable[[str], list[Event]] = fresh() if fresh is not None else module.parse_log_line
+    return reader
 
 
 def metrics_files(plan: Plan, output_dir: Path) -> list[Path]:

@@ -18,6 +18,7 @@ import math
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -1249,3 +1250,8 @@ def _tag_for(git: Path, sha: str) -> str | None:
             if path.is_file() and path.read_text(encoding="utf-8").strip() == sha:
                 return str(path.relative_to(tags))
     return None
+
+
+def new_log_reader() -> Callable[[str], list[Event]]:
+    """A reader with its own state, for a log of a run lorabuild did not launch."""
+    return _LogReader().read

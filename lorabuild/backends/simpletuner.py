@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -915,3 +916,8 @@ def probe_command(plan: Plan) -> list[str]:
         optional.append(QUANTISED[plan.training.base_precision][1])
     modules += [m for m in dict.fromkeys(optional) if m and m not in modules]
     return [plan.backend.python, "-c", PROBE_SOURCE, *modules]
+
+
+def new_log_reader() -> Callable[[str], list[Event]]:
+    """A reader with its own state, for a log of a run lorabuild did not launch."""
+    return LogReader().feed

@@ -176,6 +176,10 @@ def _note(seen: dict[str, Any], event: Event) -> None:
             seen["step_seconds"].append(float(event.data["step_seconds"]))
     elif event.kind == "error":
         seen["errors"].append(event.data)
+    elif event.kind == "warning" and event.data.get("kind") == "oom":
+        # a backend that skips a batch for lack of memory (ai-toolkit) still counts the step:
+        # in a dry run that is a failure to fit, not a pass
+        seen["errors"].append({"kind": "oom", "message": event.data.get("message", "a batch did not fit")})
 
 
 class _Failure:

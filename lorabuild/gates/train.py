@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import signal
 from pathlib import Path
 from typing import Any
 
 import click
 
 from lorabuild import backends
+from lorabuild.anomaly import Anomaly, AnomalyDetector
 from lorabuild.backends import Event
 from lorabuild.diagnose import diagnose
 from lorabuild.fsutil import atomic_write_json, remove_path
 from lorabuild.gates import GateContext, GateFailed
 from lorabuild.limits import read_limit, record_limit
+from lorabuild.monitor import Monitor
 from lorabuild.plan import TrainingPlan
 from lorabuild.procs import LaunchFailed, run_streaming
 from lorabuild.progress import ProgressTracker
+from lorabuild.ui import TrainingView
 
 TITLE = "Training"
 
@@ -49,6 +52,7 @@ READS = (
 )
 
 ERRORS: dict[str, str] = {
+    "interrupted": "the backend was stopped before it finished",
     "oom": "training ran out of memory",
     "nan": "the loss became NaN (not a number): training has failed",
     "model_load": "the base model could not be loaded",
@@ -163,60 +167,104 @@ def run(ctx: GateContext) -> None:
         tracker.notes.append(
             f"starting at batch size {batch}: the dry run ran out of memory at {plan.training.batch_size}"
         )
+    view = TrainingView(ctx.console, plan.steps.total_steps, plan.steps.epochs)
+    stop = _Stopper(ctx)
+    monitor = Monitor(
+        tracker=tracker,
+        read_line=lambda line: backends.parse_log_line(plan, line),
+        detector=AnomalyDetector.from_settings(plan.monitor.model_dump()),
+        plot_path=ctx.run.loss_png,
+        read_metrics=lambda path, line: backends.parse_metrics_line(plan, path, line),
+        on_anomaly=lambda anomaly: _on_anomaly(view, stop, anomaly),
+        on_event=lambda event: _report(view, event, tracker),
+        steps_per_epoch=plan.steps.steps_per_epoch,
+    )
     with open(ctx.run.train_log, "a" if existing else "w", encoding="utf-8") as log:
         if existing:
             log.write(f"\n# lorabuild: starting again; {len(existing)} checkpoint(s) on disk\n")
-        while True:
-            result = _attempt(ctx, log, tracker, output_dir, batch, accumulation)
-            if result.ok and final.is_file():
-                break
-            if result.kind == "oom" and batch > 1 and tracker.oom_recoveries < MAX_OOM_RETRIES:
-                old = batch
-                batch, accumulation = max(1, batch // 2), accumulation * 2
-                tracker.oom_recoveries += 1
-                message = f"Hit memory limit — reducing batch size from {old} to {batch} and retrying"
-                tracker.notes.append(message)
-                tracker.write(force=True)
-                ctx.console.say(f"  {message}")
-                log.write(f"\n# lorabuild: {message}\n")
-                record_limit(ctx.run.limits, ctx.machine_key, batch_size=batch, failed_at=old, where="training")
-                continue
-            tracker.finish("FAILED", result.what)
-            raise GateFailed(
-                f"Training failed — {result.what}",
-                f"read {ctx.run.train_log}; run again to resume from the newest checkpoint",
-                result.details,
-            )
+            log.flush()
+        # the monitor reads the log as it grows, from here on (older lines belong to older runs)
+        monitor.follow(ctx.run.train_log, backends.metrics_files(plan, output_dir), from_end=True)
+        try:
+            while True:
+                result = _attempt(ctx, log, monitor, output_dir, batch, accumulation, stop)
+                if result.ok:
+                    break
+                if result.kind == "oom" and batch > 1 and tracker.oom_recoveries < MAX_OOM_RETRIES:
+                    old = batch
+                    batch, accumulation = max(1, batch // 2), accumulation * 2
+                    tracker.oom_recoveries += 1
+                    message = f"Hit memory limit — reducing batch size from {old} to {batch} and retrying"
+                    tracker.notes.append(message)
+                    tracker.write(force=True)
+                    view.say(f"  {message}")
+                    log.write(f"\n# lorabuild: {message}\n")
+                    log.flush()
+                    record_limit(ctx.run.limits, ctx.machine_key, batch_size=batch, failed_at=old, where="training")
+                    continue
+                monitor.close("FAILED", result.what)
+                raise GateFailed(
+                    f"Training {'stopped' if stop.anomaly else 'failed'} — {result.what}",
+                    result.fix or f"read {ctx.run.train_log}; run again to resume from the newest checkpoint",
+                    result.details,
+                )
+        except KeyboardInterrupt:
+            monitor.close("STOPPED", "stopped before the end; run again to resume from the newest checkpoint")
+            raise
+        finally:
+            view.close()
     os.replace(final, ctx.run.lora)
     for removed in backends.prune_checkpoints(plan, output_dir):
         tracker.handle(Event("checkpoint_removed", {"path": str(removed)}))
-    tracker.finish("COMPLETE", f"the LoRA is at {ctx.run.lora}")
+    monitor.close("COMPLETE", f"the LoRA is at {ctx.run.lora}")
     ctx.console.say(f"  Your LoRA is ready: {ctx.run.lora}")
+    if tracker.anomalies:
+        ctx.console.say("  Watch out: " + "; ".join(a["message"] for a in tracker.anomalies))
+
+
+class _Stopper:
+    """Stops the backend's process group when the monitor finds the loss exploded."""
+
+    def __init__(self, ctx: GateContext):
+        self.ctx = ctx
+        self.anomaly: Anomaly | None = None
+
+    def stop(self, anomaly: Anomaly) -> None:
+        if self.anomaly is not None:
+            return
+        self.anomaly = anomaly
+        try:
+            pgid = int(json.loads(self.ctx.run.backend_pid.read_text(encoding="utf-8"))["pgid"])
+            os.killpg(pgid, signal.SIGTERM)  # the backend saves what it can and stops
+        except (OSError, ValueError, KeyError):
+            pass
+
+
+def _on_anomaly(view: TrainingView, stop: _Stopper, anomaly: Anomaly) -> None:
+    if anomaly.stop:
+        view.say(f"  ✗ {anomaly.message}: stopping the training")
+        stop.stop(anomaly)
+    else:
+        view.say(f"  ! {anomaly.message}")
 
 
 class _Outcome:
-    def __init__(self, ok: bool, kind: str | None = None, what: str = "", details: list[str] | None = None):
+    def __init__(
+        self, ok: bool, kind: str | None = None, what: str = "", details: list[str] | None = None, fix: str = ""
+    ):
         self.ok = ok
         self.kind = kind
         self.what = what
         self.details = details or []
+        self.fix = fix
 
 
 def _attempt(
-    ctx: GateContext, log: Any, tracker: ProgressTracker, output_dir: Path, batch: int, accumulation: int
+    ctx: GateContext, log: Any, monitor: Monitor, output_dir: Path, batch: int, accumulation: int, stop: _Stopper
 ) -> _Outcome:
     """One launch of the backend (resuming from the newest checkpoint); what came of it."""
     plan = ctx.plan
-    errors: list[dict[str, Any]] = []
-    last_report = [0.0]
-
-    def on_line(line: str) -> None:
-        for event in backends.parse_log_line(plan, line):
-            tracker.handle(event)
-            if event.kind == "error":
-                errors.append(event.data)
-            _report(ctx, event, tracker, last_report)
-
+    monitor.errors.clear()
     override = batch != plan.training.batch_size
     launch = backends.launch(
         plan,
@@ -226,12 +274,20 @@ def _attempt(
         gradient_accumulation=accumulation if override else None,
     )
     try:
-        finished = run_streaming(launch, log=log, on_line=on_line, pid_file=ctx.run.backend_pid)
-    except KeyboardInterrupt:
-        tracker.finish("STOPPED", "stopped before the end; run again to resume from the newest checkpoint")
-        raise
+        finished = run_streaming(launch, log=log, on_line=_ignore, pid_file=ctx.run.backend_pid)
     except LaunchFailed as exc:
         return _Outcome(False, "not_installed", f"the backend could not be started: {exc.program}: {exc.reason}")
+    monitor.catch_up()  # every line the backend wrote is read before judging
+    if stop.anomaly is not None:
+        last = backends.checkpoints(plan, output_dir)
+        where = f"; the last checkpoint before it is {last[-1].path.name}" if last else ""
+        return _Outcome(
+            False,
+            "nan",
+            stop.anomaly.message,
+            fix=f"lower `training.learning_rate` (now {plan.training.learning_rate:g}){where}",
+        )
+    errors = list(monitor.errors)
     final = backends.final_lora(plan, output_dir)
     # exit codes lie (accelerate, train.sh, Ctrl-C in ai-toolkit): the LoRA file and the errors decide
     if finished.returncode == 0 and not errors and final.is_file():
@@ -255,18 +311,20 @@ def _attempt(
     return _Outcome(False, kind, what, details)
 
 
-def _report(ctx: GateContext, event: Event, tracker: ProgressTracker, last: list[float]) -> None:
-    """A short line now and then, so a person sees training move."""
+def _ignore(line: str) -> None:
+    """The monitor reads train.log itself (the same way `lorabuild monitor` does)."""
+
+
+def _report(view: TrainingView, event: Event, tracker: ProgressTracker) -> None:
+    """What a person sees as training moves: the bar on a terminal, a line per epoch always."""
     if event.kind == "resumed":
-        ctx.console.say(f"  Resuming from step {event.data.get('step')} (checkpoint found)")
+        view.say(f"  Resuming from step {event.data.get('step')} (checkpoint found)")
     elif event.kind == "checkpoint":
-        ctx.console.say(f"  Checkpoint saved: epoch {event.data.get('epoch')}")
+        at = f"epoch {event.data['epoch']}" if event.data.get("epoch") else f"step {event.data.get('step')}"
+        view.say(f"  Checkpoint saved: {at}")
     elif event.kind == "epoch":
         loss = tracker.loss_smoothed
         shown = f", smoothed loss {loss:.4f}" if loss is not None else ""
-        ctx.console.say(f"  Epoch {event.data.get('epoch')}/{tracker.epochs} done{shown}")
-    elif event.kind == "step" and sys.stdout.isatty():
-        now = tracker.elapsed()
-        if now - last[0] >= 2:
-            last[0] = now
-            ctx.console.say(f"  step {tracker.step}/{tracker.total_steps}, loss {tracker.loss:.4f}")
+        view.say(f"  Epoch {event.data.get('epoch')}/{tracker.epochs} done{shown}")
+    elif event.kind == "step":
+        view.step(tracker.step, tracker.total_steps, tracker.loss, tracker.loss_smoothed)
