@@ -52,7 +52,7 @@ def render_loss_png(
     for step, value in zip(steps, losses, strict=False):
         if math.isfinite(value) and value > 0:
             px, py = x(step), y(value)
-            draw.point((px, py), fill=(150, 180, 230))
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=(150, 180, 230))
     line = [(x(s), y(v)) for s, v in zip(steps, smoothed, strict=False) if math.isfinite(v) and v > 0]
     if len(line) > 1:
         draw.line(line, fill=(200, 60, 40), width=2)

@@ -139,8 +139,11 @@ class SourceMap:
                 path = tuple(p for p in loc if isinstance(p, (str, int)))
                 kinds = [_UNION_MEMBERS[tuple(e["loc"])[-1]] for e in group]
                 shown = _show(group[0].get("input"))
-                problems.append(self.problem(path, f"should be {_either(kinds)}, got {shown}",
-                                             f"write {_either(kinds)}", at_key=False))
+                problems.append(
+                    self.problem(
+                        path, f"should be {_either(kinds)}, got {shown}", f"write {_either(kinds)}", at_key=False
+                    )
+                )
             else:
                 problems.extend(self.problem_from_pydantic(e, model) for e in group)
         return problems
