@@ -198,3 +198,19 @@ def test_out_of_memory_during_training_is_recovered_and_remembered(project: Proj
     assert "ran out of memory at batch size" in (project.run_dir() / "config.md").read_text()
     states_now = states(project)
     assert states_now["train"]["state"] == "up-to-date", states_now["train"]
+
+
+def test_switching_the_backend_reruns_from_the_config_gate(bare_project: Project) -> None:
+    """One line (`backend:`) switches trainers; every gate from Gate 2 on reads it, so all rerun."""
+    (bare_project.root / "sd").mkdir()
+    (bare_project.root / "sd" / "model_index.json").write_text("{}")
+    sd = {"base_model": {"path": "sd", "family": "sd15"}, "dataset": {"repeats": 7}, "training": {"resolution": 256}}
+    bare_project.write_spec(**sd)
+    bare_project.lorabuild("run", "t.yaml", "--until", "environment", check=True)
+    assert states(bare_project)["config"]["state"] == "up-to-date"
+    bare_project.write_spec(**sd, backend={"name": "kohya", "path": "sd-scripts"})
+    after = states(bare_project)
+    assert after["config"]["state"] == "stale" and after["environment"]["state"] == "stale"
+    for gate in ("config", "environment"):
+        assert any("backend.name changed: builtin → kohya" in r for r in after[gate]["reasons"]), after[gate]
+    assert {after["dryrun"]["state"], after["train"]["state"]} == {"missing"}
