@@ -426,7 +426,7 @@ def test_plans_ai_toolkit_cannot_run(family_plans: dict[str, Plan]) -> None:
     two = plan.model_copy(update={"compute": plan.compute.model_copy(update={"gpu_count": 2})})
     assert [i.field for i in aitk.check_plan(two)] == [("compute", "gpu_count")]
     remote = plan.model_copy(update={"compute": plan.compute.model_copy(update={"target": "runpod"})})
-    assert [i.kind for i in aitk.check_plan(remote)] == ["unavailable"]
+    assert "unavailable" not in [i.kind for i in aitk.check_plan(remote)]  # targets are not a backend's business
     other = plan.model_copy(update={"model": plan.model.model_copy(update={"family": "sd3"})})
     issues = aitk.check_plan(other)
     assert issues[0].field == ("base_model", "family") and "ai-toolkit cannot train sd3" in issues[0].message

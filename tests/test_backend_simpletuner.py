@@ -397,7 +397,7 @@ def test_other_plans_simpletuner_cannot_run(family_plans: dict[str, Plan]) -> No
     prompts = plan.model_copy(update={"samples": plan.samples.model_copy(update={"prompts": ["a", "b"]})})
     assert issue_fields(prompts) == [("samples", "prompts")]
     remote = plan.model_copy(update={"compute": plan.compute.model_copy(update={"target": "runpod"})})
-    assert [i.kind for i in st.check_plan(remote)] == ["unavailable"]
+    assert "unavailable" not in [i.kind for i in st.check_plan(remote)]  # targets are not a backend's business
 
 
 # --- the command -----------------------------------------------------------------------------------

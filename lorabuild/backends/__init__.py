@@ -31,6 +31,8 @@ MODULES: dict[str, str] = {
     "simpletuner": "lorabuild.backends.simpletuner",
     "ai-toolkit": "lorabuild.backends.ai_toolkit",
 }
+# compute targets lorabuild can train on so far
+REMOTE_READY: tuple[str, ...] = ("local",)
 # the backends this installation has (a module per name)
 IMPLEMENTED: dict[str, str] = {n: m for n, m in MODULES.items() if importlib.util.find_spec(m) is not None}
 
@@ -144,7 +146,24 @@ def check_plan(plan: Plan) -> list[Issue]:
         ]
     issues: list[Issue] = _module(plan.backend.name).check_plan(plan)
     issues.extend(_unused_settings(plan))
+    issues.extend(_compute_target(plan))
     return issues
+
+
+def _compute_target(plan: Plan) -> list[Issue]:
+    """Where training runs is not a backend's business; every backend runs where lorabuild can."""
+    from lorabuild.plan import Issue
+
+    if plan.compute.target in REMOTE_READY:
+        return []
+    return [
+        Issue(
+            kind="unavailable",
+            field=("compute", "target"),
+            message=f"training on {plan.compute.target} machines is not built yet",
+            fix="use `compute: {target: local}` for now",
+        )
+    ]
 
 
 def _unused_settings(plan: Plan) -> list[Issue]:

@@ -278,15 +278,6 @@ def check_plan(plan: Plan) -> list[Issue]:
                 fix="set `gpu_count: 1`, or use `backend: kohya` for several GPUs",
             )
         )
-    if plan.compute.target != "local":
-        issues.append(
-            Issue(
-                kind="unavailable",
-                field=("compute", "target"),
-                message=f"training on {plan.compute.target} machines is not built yet",
-                fix="use `compute: {target: local}` for now",
-            )
-        )
     return issues
 
 

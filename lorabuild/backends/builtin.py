@@ -111,15 +111,6 @@ def check_plan(plan: Plan) -> list[Issue]:
                 fix="point `base_model.path` at a diffusers folder, or use `backend: kohya` for .safetensors files",
             )
         )
-    if plan.compute.target != "local":
-        issues.append(
-            Issue(
-                kind="unavailable",
-                field=("compute", "target"),
-                message=f"training on {plan.compute.target} machines is not built yet",
-                fix="use `compute: {target: local}` for now",
-            )
-        )
     return issues
 
 

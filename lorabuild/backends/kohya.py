@@ -272,15 +272,6 @@ def check_plan(plan: Plan) -> list[Issue]:
                     fix="remove that setting or write its value without `=`",
                 )
             )
-    if plan.compute.target != "local":
-        issues.append(
-            Issue(
-                kind="unavailable",
-                field=("compute", "target"),
-                message=f"training on {plan.compute.target} machines is not built yet",
-                fix="use `compute: {target: local}` for now",
-            )
-        )
     return issues
 
 

@@ -170,13 +170,6 @@ def check_plan(plan: Plan) -> list[Issue]:
             "SimpleTuner reads a separate VAE only in the diffusers layout (a folder with config.json)",
             "remove `base_model.vae` to use the model's own VAE, or point it at a diffusers VAE folder",
         )
-    if plan.compute.target != "local":
-        issue(
-            ("compute", "target"),
-            f"training on {plan.compute.target} machines is not built yet",
-            "use `compute: {target: local}` for now",
-            kind="unavailable",
-        )
     if t.mixed_precision != "bf16":
         issue(
             ("training", "mixed_precision"),
