@@ -262,3 +262,23 @@ def test_lorabuild_monitor_reports_a_failed_run(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stdout + done.stderr
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert progress["status"] == "FAILED" and "out of memory" in progress["message"].lower()
+
+
+def test_the_terminal_view_draws_a_bar_and_prints_lines(tmp_path: Path) -> None:
+    import io
+
+    from lorabuild.ui import Console, TrainingView
+
+    out = io.StringIO()
+    view = TrainingView(Console(out=out, err=out), total_steps=10, epochs=2, bar=True)
+    for step in range(1, 11):
+        view.step(step, 10, 0.1, 0.09)
+    view.say("  Epoch 1/2 done")
+    view.close()
+    assert "Epoch 1/2 done" in out.getvalue()
+    plain = io.StringIO()
+    quiet = TrainingView(Console(out=plain, err=plain), total_steps=10, epochs=2)  # not a terminal: no bar
+    quiet.step(1, 10, 0.1, None)
+    quiet.say("  Epoch 1/2 done")
+    quiet.close()
+    assert plain.getvalue() == "  Epoch 1/2 done\n"
