@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.sshd import sshd_server  # noqa: F401 - one real OpenSSH server for every test module
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_DATA = REPO / "examples" / "shapes"
 
