@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from lorabuild import __version__
-from lorabuild.runfolder import GATES
+from lorabuild.runfolder import REMOTE_GATES
 from lorabuild.yamlsource import SpecError
 
 EXIT_SPEC = 2
@@ -36,16 +36,44 @@ def _print_spec_error(error: SpecError) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lorabuild")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Turn a training spec (training.yaml) into a trained LoRA, through safety gates.
 
     Re-running does only what changed; a failed run continues where it stopped.
     """
+    ctx.obj = {}
+    ctx.call_on_close(lambda: _warn_running_instances(ctx.obj))
+
+
+def _use_grimoire(root: Path | None) -> None:
+    """Tell the running-instance warning which grimoire this command worked in."""
+    context = click.get_current_context(silent=True)
+    if context is not None and context.find_root().obj is not None and root is not None:
+        context.find_root().obj["root"] = root
+
+
+def _warn_running_instances(obj: dict[str, object] | None) -> None:
+    """Every command ends with this line while the ledger shows cloud instances still running
+    (they cost money). Reads grimoire/studio.json only: no network, no heavy import."""
+    from lorabuild.cloud.ledger import running_warning
+
+    root = (obj or {}).get("root")
+    folder = Path(str(root)) if root else Path("grimoire")
+    if not (folder / "studio.json").is_file():
+        return
+    warning = running_warning(folder)
+    if warning:
+        click.secho(f"Warning: {warning}", err=True, fg="yellow")
 
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--until", type=click.Choice(GATES[:-1]), help="Stop after this gate.")
+@click.option(
+    "--until",
+    type=click.Choice(REMOTE_GATES[:-1]),
+    help="Stop after this gate (train: before a remote result is fetched).",
+)
 @click.option("--yes", "-y", is_flag=True, help="Answer yes to confirmations (for scripts).")
 @root_option
 def run(spec: Path, until: str | None, yes: bool, root: Path | None) -> None:
@@ -54,6 +82,7 @@ def run(spec: Path, until: str | None, yes: bool, root: Path | None) -> None:
     from lorabuild.pipeline import run_spec
 
     options = RunOptions(yes=yes, interactive=sys.stdin.isatty() and sys.stdout.isatty())
+    _use_grimoire(root or _grimoire_of(spec))
     try:
         code = run_spec(str(spec), root=root, until=until, options=options)
     except SpecError as exc:
@@ -75,6 +104,7 @@ def status(spec: Path, as_json: bool, root: Path | None) -> None:
     except SpecError as exc:
         _print_spec_error(exc)
         sys.exit(EXIT_SPEC)
+    _use_grimoire(ctx.run.root)
     states = gate_status(ctx)
     if as_json:
         click.echo(
@@ -404,6 +434,57 @@ def monitor(
         view.close()
     click.echo(f"Run {status.lower()}: see {folder / 'progress.md'}")
     sys.exit(0 if status == "COMPLETE" else 1)
+
+
+def _grimoire_of(spec: Path) -> Path | None:
+    """The grimoire a spec names, without loading more than its YAML (None when unreadable)."""
+    try:
+        from lorabuild.plan import default_grimoire
+        from lorabuild.spec import load_spec
+
+        return default_grimoire(load_spec(spec), None)
+    except Exception:
+        return None
+
+
+@cli.group("cloud")
+def cloud_group() -> None:
+    """See and delete the cloud GPUs this grimoire rented (RunPod, Vast.ai)."""
+
+
+@cloud_group.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--offline", is_flag=True, help="Show the ledger only; do not ask the providers.")
+@root_option
+def cloud_ls(as_json: bool, offline: bool, root: Path | None) -> None:
+    """List the instances the ledger knows, checked with the providers first."""
+    from lorabuild.cloud import ledger
+
+    folder = root or Path("grimoire")
+    _use_grimoire(folder)
+    listing = ledger.list_for_cli(folder, refresh=not offline)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+    else:
+        click.echo(ledger.format_listing(listing))
+
+
+@cloud_group.command("down")
+@click.argument("instance", required=False)
+@click.option("--all", "everything", is_flag=True, help="Delete every instance of this grimoire.")
+@root_option
+def cloud_down(instance: str | None, everything: bool, root: Path | None) -> None:
+    """Delete INSTANCE (its id, ledger id or label), or every instance with --all."""
+    from lorabuild.cloud import ledger
+
+    if bool(instance) == everything:
+        raise click.UsageError("name one instance, or use --all")
+    folder = root or Path("grimoire")
+    _use_grimoire(folder)
+    report = ledger.down(folder, "all" if everything else str(instance))
+    for line in report.describe():
+        click.echo(line)
+    sys.exit(0 if report.ok else 1)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from lorabuild.limits import machine_key, read_limit
 from lorabuild.modelfile import list_model
 from lorabuild.plan import default_grimoire, make_plan, model_listing_path
 from lorabuild.procs import Interrupted, sigterm_as_interrupt, stop_leftover
-from lorabuild.runfolder import GATES, RunFolder
+from lorabuild.runfolder import RunFolder
 from lorabuild.spec import load_spec
 from lorabuild.studio import Machine, read_machine, record_machine
 from lorabuild.ui import Console
@@ -118,19 +118,60 @@ def build_context(
     dataset = list_dataset(loaded.resolve(loaded.spec.dataset.path), loaded.spec.dataset.caption_extension)
     model_path = model_listing_path(loaded)
     model = list_model(model_path) if model_path is not None else None
-    limit = read_limit(run.limits, machine_key({"hostname": machine.hostname, **machine.gpus.fingerprint()}))
+    if loaded.spec.compute.target != "local":
+        from lorabuild.gates.environment import remote_stamp
+
+        key = machine_key(remote_stamp(loaded.spec.compute))
+    else:
+        key = machine_key({"hostname": machine.hostname, **machine.gpus.fingerprint()})
+    limit = read_limit(run.limits, key)
     plan = make_plan(loaded, machine, dataset, model, grimoire=grimoire, memory_limit=limit)
     return GateContext(loaded, plan, run, machine, dataset, model, options or RunOptions(), console or Console())
 
 
 def task_dicts(ctx: GateContext) -> list[dict[str, Any]]:
-    """The doit tasks of one spec, in gate order."""
+    """The doit tasks of one spec, in gate order.
+
+    A remote target adds steps that are doit `setup` tasks (run only when a gate that needs
+    them runs): `deploy` sends the inputs before the dry run and the training; a cloud target
+    also has `spinup` (rent the instance) whose doit `teardown` deletes it once the run ends,
+    whether it passed, failed or was interrupted."""
+    from lorabuild.machine import CLOUD_TARGETS, is_remote
+
     tasks: list[dict[str, Any]] = []
+    cloud = ctx.plan.compute.target in CLOUD_TARGETS
+    spinup = ctx.run.task_name("spinup")
+    deploy = ctx.run.task_name("deploy")
+    if cloud:
+        tasks.append(
+            {
+                "name": spinup,
+                "doc": "rent the cloud GPU (deleted again when the run ends)",
+                "actions": [(run_step, [ctx, "spinup"])],
+                "teardown": [(run_teardown, [ctx])],
+                "verbosity": 2,
+            }
+        )
+    if is_remote(ctx.plan):
+        tasks.append(
+            {
+                "name": deploy,
+                "doc": "send the dataset, the model and the backend's config to the machine that trains",
+                "actions": [(run_step, [ctx, "deploy"])],
+                "setup": [spinup] if cloud else [],
+                "verbosity": 2,
+            }
+        )
     previous: str | None = None
-    for gate in GATES:
+    for gate in gates.gates_for(ctx):
         mod = gates.module(gate)
         name = ctx.run.task_name(gate)
         marker = str(ctx.run.incomplete_marker(gate))
+        setup: list[str] = []
+        if gate != "config" and cloud:
+            setup.append(spinup)
+        if gate in ("dryrun", "train") and is_remote(ctx.plan):
+            setup.append(deploy)
         tasks.append(
             {
                 "name": name,
@@ -139,6 +180,7 @@ def task_dicts(ctx: GateContext) -> list[dict[str, Any]]:
                 "file_dep": [str(p) for p in mod.file_deps(ctx)],
                 "targets": [str(p) for p in mod.targets(ctx)],
                 "task_dep": [previous] if previous else [],
+                "setup": setup,
                 "uptodate": [(not_incomplete, [marker]), InputsUnchanged(mod.inputs(ctx))],
                 "verbosity": 2,
             }
@@ -148,6 +190,54 @@ def task_dicts(ctx: GateContext) -> list[dict[str, Any]]:
         {"name": ctx.run.name, "doc": f"every gate of {ctx.run.name}", "actions": None, "task_dep": [previous]}
     )
     return tasks
+
+
+def run_step(ctx: GateContext, step: str) -> bool | BaseFail:
+    """The doit action of a remote step (not a gate: it has no targets; it prepares the machine)."""
+    runlock.acquire(ctx.run.lock)
+    try:
+        if step == "spinup":
+            from lorabuild.cloud import session
+
+            session.spinup(ctx)
+        elif step == "deploy":
+            deploy(ctx)
+        else:
+            raise ValueError(step)
+    except GateFailed as exc:
+        title = "Cloud spin-up" if step == "spinup" else "Deploy"
+        ctx.console.fail(f"{title} failed: {exc.render()}")
+        return TaskFailed(exc.message, report=False)
+    return True
+
+
+def deploy(ctx: GateContext) -> None:
+    """Put the dataset, the model, the backend's config (and the backend, when missing) there."""
+    from lorabuild.machine import RemoteMachine, machine_for
+    from lorabuild.remote import RemoteError
+
+    machine = None
+    try:
+        machine = machine_for(ctx)
+        assert isinstance(machine, RemoteMachine)
+        ctx.console.step(f"Deploy — sending the inputs to {machine.where()}")
+        machine.deploy()
+    except RemoteError as exc:
+        raise GateFailed(
+            f"could not send the inputs to the machine that trains: {exc}",
+            "check that it is on and reachable, then run again (only what changed is sent again)",
+        ) from None
+    finally:
+        if machine is not None:
+            machine.close()
+
+
+def run_teardown(ctx: GateContext) -> bool:
+    """doit teardown of `spinup`: delete the instance (or keep it while a result waits there)."""
+    from lorabuild.cloud import session
+
+    session.teardown(ctx)
+    return True
 
 
 def run_gate(ctx: GateContext, gate: str) -> bool | BaseFail:
@@ -265,7 +355,7 @@ def run_pipeline(ctx: GateContext, *, until: str | None = None) -> RunResult:
     from doit.cmd_base import TaskLoader2
     from doit.doit_cmd import DoitMain
 
-    titles = {ctx.run.task_name(g): gates.module(g).TITLE for g in GATES}
+    titles = {ctx.run.task_name(g): gates.module(g).TITLE for g in gates.gates_for(ctx)}
     reporter = GateReporter(ctx.console, titles)
     selected = [ctx.run.task_name(until)] if until else [ctx.run.name]
 
@@ -316,10 +406,29 @@ def run_spec(
         console.fail("stopped. Run the same command again to continue where it stopped.")
         return EXIT_INTERRUPTED
     finally:
-        runlock.release(ctx.run.lock)
+        try:
+            _teardown_cloud(ctx)
+        finally:
+            runlock.release(ctx.run.lock)
     if result.code == EXIT_OK and not result.executed:
         console.ok("everything is up to date — nothing to do")
     return result.code
+
+
+def _teardown_cloud(ctx: GateContext) -> None:
+    """The safety net behind doit's teardown (which a second Ctrl-C can cut short): no run ends
+    with its cloud instance still rented, unless a trained LoRA waits on it."""
+    from lorabuild.machine import CLOUD_TARGETS
+
+    if ctx.plan.compute.target not in CLOUD_TARGETS:
+        return
+    from lorabuild.cloud import session
+
+    try:
+        session.teardown(ctx)
+    except (KeyboardInterrupt, Interrupted):
+        console = ctx.console
+        console.fail("the cloud instance may still be running: delete it with `lorabuild cloud down --all`")
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -343,7 +452,7 @@ def gate_status(ctx: GateContext) -> list[GateStatus]:
     tasks = {t.name: t for t in task_list}
     dep = Dependency(_ReadOnlySqliteDB, str(db_path), checker_cls=MD5Checker) if db_path.exists() else None
     try:
-        for gate in GATES:
+        for gate in gates.gates_for(ctx):
             task = tasks[ctx.run.task_name(gate)]
             result.append(_one_status(ctx, gate, task, tasks, dep))
     finally:

@@ -21,6 +21,7 @@ from pathlib import Path
 from lorabuild.spec import NAME_PATTERN
 
 GATES: tuple[str, ...] = ("config", "environment", "dryrun", "train")
+REMOTE_GATES: tuple[str, ...] = (*GATES, "pull")  # a remote training's results are fetched last
 
 
 class UnsafeName(ValueError):
@@ -122,6 +123,16 @@ class RunFolder:
     @property
     def backend_pid(self) -> Path:
         return self.state / "backend.pid"
+
+    @property
+    def remote_result(self) -> Path:
+        """Written when a training finished on a remote machine; read by the pull step."""
+        return self.state / "remote-train.json"
+
+    @property
+    def remote_job(self) -> Path:
+        """The detached training job on a remote machine, for re-attaching to it."""
+        return self.state / "remote-job.json"
 
     @property
     def limits(self) -> Path:

@@ -4,20 +4,30 @@ Owns the facts about this machine that plans and gates depend on: its NVIDIA GPU
 nvidia-ml-py, with every failure mode in plain language), memory and processor count. Reading
 them is cheap: when no NVIDIA driver library exists, pynvml is never imported. The file is
 rewritten only when something changed, so an up-to-date run leaves it alone. Cloud instances
-are recorded in the same file by the cloud ledger.
+are recorded in the same file by the cloud ledger (`lorabuild.cloud.ledger`).
+
+Several lorabuild processes may write studio.json at once (a run recording this machine while
+`lorabuild cloud down` records a teardown), so every read-modify-write holds `studio_lock`: an
+exclusive `flock` on studio.json.lock beside it, released by the kernel however the process
+ends, and re-entrant within a process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import platform
+import shutil
 import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lorabuild.fsutil import atomic_write_text
 
@@ -161,6 +171,47 @@ def studio_paths(root: Path) -> tuple[Path, Path]:
     return root / "studio.json", root / "studio.md"
 
 
+def studio_lock_path(root: Path) -> Path:
+    return root / "studio.json.lock"
+
+
+# One lock per process: flock locks belong to an open file, so a second open() of the lock file in
+# this process would wait for itself. The RLock keeps this process's threads apart and lets a
+# holder re-enter (record_machine → save_studio).
+_STUDIO_RLOCK = threading.RLock()
+_STUDIO_HELD: dict[Path, tuple[int, int]] = {}  # lock file → (fd, depth)
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def studio_lock(root: Path) -> Iterator[None]:
+    """Hold the studio.json lock of `root` (waiting for another process that holds it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = studio_lock_path(root.resolve())
+    with _STUDIO_RLOCK:
+        held = _STUDIO_HELD.get(path)
+        if held is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            held = (fd, 0)
+        _STUDIO_HELD[path] = (held[0], held[1] + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _STUDIO_HELD[path]
+            if depth <= 1:
+                del _STUDIO_HELD[path]
+                os.close(fd)  # closing the last descriptor releases the flock
+            else:
+                _STUDIO_HELD[path] = (fd, depth - 1)
+
+
 def load_studio(root: Path) -> dict[str, Any]:
     path = studio_paths(root)[0]
     try:
@@ -170,9 +221,30 @@ def load_studio(root: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"version": 1, "machines": {}, "instances": []}
 
 
+def update_studio(root: Path, change: Callable[[dict[str, Any]], T]) -> T:
+    """Read studio.json, apply `change` to it and write it back, all under the lock. `change`
+    returns a value for the caller; it may raise to leave the file untouched."""
+    with studio_lock(root):
+        studio = load_studio(root)
+        result = change(studio)
+        save_studio(root, studio)
+        return result
+
+
+def _keep_damaged(root: Path) -> None:
+    """Copy a studio.json that cannot be read aside before it is rewritten: it may hold the only
+    record of a rented cloud instance."""
+    path = studio_paths(root)[0]
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        shutil.copy2(path, path.with_name(f"studio.json.damaged-{int(time.time())}"))
+
+
 def record_machine(root: Path, machine: Machine) -> bool:
     """Write this machine into studio.json/.md when its facts changed; True if written."""
-    studio = load_studio(root)
     entry = {
         "hostname": machine.hostname,
         "system": machine.system,
@@ -185,18 +257,22 @@ def record_machine(root: Path, machine: Machine) -> bool:
         "cuda_driver": machine.gpus.cuda_driver,
         "gpu_problem": machine.gpus.problem,
     }
-    machines = studio.setdefault("machines", {})
-    if machines.get("local") == json.loads(json.dumps(entry)):
-        return False
-    machines["local"] = entry
-    save_studio(root, studio)
-    return True
+    with studio_lock(root):
+        studio = load_studio(root)
+        machines = studio.setdefault("machines", {})
+        if machines.get("local") == json.loads(json.dumps(entry)):
+            return False
+        machines["local"] = entry
+        save_studio(root, studio)
+        return True
 
 
 def save_studio(root: Path, studio: dict[str, Any]) -> None:
     json_path, md_path = studio_paths(root)
-    atomic_write_text(json_path, json.dumps(studio, indent=2, sort_keys=True) + "\n")
-    atomic_write_text(md_path, render_studio_md(studio))
+    with studio_lock(root):
+        _keep_damaged(root)
+        atomic_write_text(json_path, json.dumps(studio, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(md_path, render_studio_md(studio))
 
 
 def render_studio_md(studio: dict[str, Any]) -> str:
@@ -215,13 +291,33 @@ def render_studio_md(studio: dict[str, Any]) -> str:
         lines.append("")
     instances = studio.get("instances") or []
     lines.append("## Cloud instances")
+    lines.append("")
     if not instances:
         lines.append("None.")
-    for inst in instances:
+    else:
         lines.append(
-            f"- {inst.get('provider')} {inst.get('id') or '(creating)'}: {inst.get('gpu')} — "
-            f"{inst.get('state')}, cost so far ${inst.get('cost_so_far', 0):.2f}"
+            "Every cloud machine lorabuild rented from this folder. TERMINATED means the provider confirmed it "
+            "is gone; any other state may still cost money — `lorabuild cloud down --all` deletes them."
         )
+        lines.append("")
+    for inst in instances:
+        price = inst.get("price_per_hour")
+        bits = [f"{inst.get('state')}"]
+        if inst.get("state") != "TERMINATED" and inst.get("state_since"):
+            bits[0] += f" since {inst.get('state_since')}"
+        if isinstance(price, (int, float)):
+            bits.append(f"${price:.2f}/h")
+        bits.append(f"cost so far ${inst.get('cost_so_far', 0):.2f}")
+        if inst.get("deadline") and inst.get("state") != "TERMINATED":
+            bits.append(f"deletes itself by {inst.get('deadline')}")
+        provider = {"runpod": "RunPod", "vastai": "Vast.ai"}.get(str(inst.get("provider")), inst.get("provider"))
+        name = f"{provider} {inst.get('id') or '(creating)'}"
+        run = f", run {inst['run']}" if inst.get("run") else ""
+        lines.append(f"- **{name}**: {inst.get('gpu')}{run} — {', '.join(bits)}")
+        if inst.get("label"):
+            lines.append(f"  - label `{inst.get('label')}`")
+        if inst.get("problem") and inst.get("state") != "TERMINATED":
+            lines.append(f"  - problem: {inst.get('problem')}")
     lines.append("")
     return "\n".join(lines)
 

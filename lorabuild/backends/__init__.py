@@ -32,7 +32,7 @@ MODULES: dict[str, str] = {
     "ai-toolkit": "lorabuild.backends.ai_toolkit",
 }
 # compute targets lorabuild can train on so far
-REMOTE_READY: tuple[str, ...] = ("local",)
+REMOTE_READY: tuple[str, ...] = ("local", "ssh", "runpod", "vastai")
 # the backends this installation has (a module per name)
 IMPLEMENTED: dict[str, str] = {n: m for n, m in MODULES.items() if importlib.util.find_spec(m) is not None}
 
@@ -288,6 +288,22 @@ def prune_checkpoints(plan: Plan, output_dir: Path) -> list[Path]:
     """Remove all but the newest `plan.checkpoints.keep_last` checkpoints; what was removed."""
     removed: list[Path] = _module(plan.backend.name).prune_checkpoints(plan, output_dir)
     return removed
+
+
+def install_commands(plan: Plan) -> list[list[str]]:
+    """argv lists that install the backend in its environment on a machine where it is missing
+    (run there by lorabuild before a remote dry run). Empty when lorabuild cannot install it."""
+    module = _module(plan.backend.name)
+    commands: list[list[str]] = module.install_commands(plan) if hasattr(module, "install_commands") else []
+    return commands
+
+
+def remote_entry_point(plan: Plan) -> str | None:
+    """The file that must exist on a remote machine where the backend is installed, as a path there
+    (`~` allowed); None when lorabuild sends the backend itself."""
+    module = _module(plan.backend.name)
+    found: str | None = module.remote_entry_point(plan) if hasattr(module, "remote_entry_point") else None
+    return found
 
 
 def probe_command(plan: Plan) -> list[str]:

@@ -940,7 +940,23 @@ def prune_checkpoints(plan: Plan, output_dir: Path) -> list[Path]:
 # --- installation ----------------------------------------------------------------------------------
 
 
-def install_commands(where: str = "~/ai-toolkit") -> str:
+def install_commands(plan: Plan) -> list[list[str]]:
+    """Clone, make a venv, install its requirements: on a remote machine where it is missing."""
+    where = plan.backend.path or "~/ai-toolkit"
+    script = (
+        'set -e; [ -d "$1/.git" ] || git clone --depth 1 "$2" "$1"; '
+        '[ -x "$1/venv/bin/python" ] || python3 -m venv "$1/venv"; '
+        '"$1/venv/bin/pip" install --quiet torch torchvision; '
+        '"$1/venv/bin/pip" install --quiet -r "$1/requirements.txt"'
+    )
+    return [["sh", "-c", script, "install-ai-toolkit", where, REPOSITORY]]
+
+
+def remote_entry_point(plan: Plan) -> str | None:
+    return f"{plan.backend.path or '~/ai-toolkit'}/run.py"
+
+
+def install_text(where: str = "~/ai-toolkit") -> str:
     return (
         f"git clone {REPOSITORY} {where} && cd {where} && python3 -m venv venv && "
         "venv/bin/pip install torch torchvision && venv/bin/pip install -r requirements.txt"
@@ -952,7 +968,7 @@ def installation(plan: Plan) -> Installation:
         return Installation(
             False,
             "lorabuild does not know where ai-toolkit is installed (`backend.path` is not set)",
-            f"install it ({install_commands()}), then set `backend: {{name: ai-toolkit, path: ~/ai-toolkit}}`",
+            f"install it ({install_text()}), then set `backend: {{name: ai-toolkit, path: ~/ai-toolkit}}`",
         )
     root = Path(plan.backend.path)
     entry = root / "run.py"
@@ -960,7 +976,7 @@ def installation(plan: Plan) -> Installation:
         return Installation(
             False,
             f"ai-toolkit was not found at {root}",
-            f"install it there ({install_commands(str(root))}), or point `backend.path` at your checkout",
+            f"install it there ({install_text(str(root))}), or point `backend.path` at your checkout",
         )
     if not entry.is_file() or not (root / "toolkit").is_dir():
         return Installation(

@@ -226,8 +226,8 @@ def launch(
         argv += ["--batch-size", str(batch_size)]
     if gradient_accumulation is not None:
         argv += ["--gradient-accumulation", str(gradient_accumulation)]
-    # the trainer must import this very lorabuild, wherever the working folder is
-    package_root = str(Path(__file__).resolve().parents[2])
+    # the trainer must import this very lorabuild (or the copy sent to a remote machine)
+    package_root = plan.backend.path or str(Path(__file__).resolve().parents[2])
     existing = os.environ.get("PYTHONPATH")
     env = {
         "PYTHONUNBUFFERED": "1",
@@ -276,6 +276,27 @@ def final_lora(plan: Plan, output_dir: Path) -> Path:
 
 def prune_checkpoints(plan: Plan, output_dir: Path) -> list[Path]:
     return []  # the trainer keeps only keep_last itself
+
+
+# The trainer's packages (the `train` extra of pyproject.toml), for a machine that lacks them.
+TRAIN_PACKAGES = (
+    "diffusers>=0.30",
+    "transformers>=4.44",
+    "safetensors>=0.4",
+    "prodigyopt>=1.0",
+    "lion-pytorch>=0.2",
+    "pillow>=10",
+    "numpy>=1.26",
+)
+
+
+def install_commands(plan: Plan) -> list[list[str]]:
+    # torch comes with GPU images; installing it blind could pull the wrong CUDA build
+    return [[plan.backend.python, "-m", "pip", "install", "--quiet", *TRAIN_PACKAGES]]
+
+
+def remote_entry_point(plan: Plan) -> str | None:
+    return None  # lorabuild sends its own trainer with every run
 
 
 def installation(plan: Plan) -> Installation:

@@ -1145,6 +1145,23 @@ def probe_command(plan: Plan) -> list[str]:
     return [backend_python(plan), "-c", PROBE_SOURCE, *modules]
 
 
+def install_commands(plan: Plan) -> list[list[str]]:
+    """Clone, make a venv, install torch (CUDA 12.8 build) and the requirements: on a remote
+    machine where sd-scripts is missing. Spec values reach the script only as arguments."""
+    where = plan.backend.path or "~/sd-scripts"
+    script = (
+        'set -e; [ -d "$1/.git" ] || git clone --depth 1 "$2" "$1"; '
+        '[ -x "$1/venv/bin/python" ] || python3 -m venv "$1/venv"; '
+        '"$1/venv/bin/pip" install --quiet torch torchvision --index-url https://download.pytorch.org/whl/cu128; '
+        'cd "$1" && "$1/venv/bin/pip" install --quiet -r requirements.txt'
+    )
+    return [["sh", "-c", script, "install-kohya", where, "https://github.com/kohya-ss/sd-scripts"]]
+
+
+def remote_entry_point(plan: Plan) -> str | None:
+    return f"{plan.backend.path or '~/sd-scripts'}/{SCRIPTS.get(plan.model.family, SCRIPTS['sd15'])}"
+
+
 def installation(plan: Plan) -> Installation:
     if not plan.backend.path:
         return Installation(

@@ -871,6 +871,21 @@ def _version(script: Path) -> str | None:
     return match.group(1) if match else None
 
 
+def install_commands(plan: Plan) -> list[list[str]]:
+    """Clone, make a Python 3.12 venv, install SimpleTuner: on a remote machine where it is missing."""
+    where = plan.backend.path or "~/SimpleTuner"
+    script = (
+        'set -e; [ -d "$1/.git" ] || git clone --depth 1 "$2" "$1"; '
+        '[ -x "$1/.venv/bin/python" ] || python3.12 -m venv "$1/.venv"; '
+        'cd "$1" && "$1/.venv/bin/pip" install --quiet -e .'
+    )
+    return [["sh", "-c", script, "install-simpletuner", where, INSTALL_URL]]
+
+
+def remote_entry_point(plan: Plan) -> str | None:
+    return f"{plan.backend.path or '~/SimpleTuner'}/simpletuner/train.py"
+
+
 def _install_fix(plan: Plan) -> str:
     where = plan.backend.path or "~/SimpleTuner"
     return (

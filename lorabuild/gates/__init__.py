@@ -21,7 +21,7 @@ from typing import Any
 from lorabuild.dataset import DatasetListing
 from lorabuild.modelfile import ModelListing
 from lorabuild.plan import Plan
-from lorabuild.runfolder import GATES, RunFolder
+from lorabuild.runfolder import GATES, REMOTE_GATES, RunFolder
 from lorabuild.spec import LoadedSpec
 from lorabuild.studio import Machine
 from lorabuild.ui import Console
@@ -74,6 +74,8 @@ class GateContext:
         """This machine's identity for remembered memory limits (lorabuild.limits)."""
         from lorabuild.limits import machine_key
 
+        if self.plan.compute.target != "local":
+            return machine_key(self.environment_stamp)
         return machine_key({"hostname": self.machine.hostname, **self.machine.gpus.fingerprint()})
 
     @property
@@ -82,9 +84,16 @@ class GateContext:
 
 
 def module(gate: str) -> ModuleType:
-    from lorabuild.gates import config, dryrun, environment, train
+    from lorabuild.gates import config, dryrun, environment, pull, train
 
-    return {"config": config, "environment": environment, "dryrun": dryrun, "train": train}[gate]
+    return {"config": config, "environment": environment, "dryrun": dryrun, "train": train, "pull": pull}[gate]
+
+
+def gates_for(ctx: GateContext) -> tuple[str, ...]:
+    """The gates of this run, in order: a remote training adds the step that fetches its results."""
+    from lorabuild.machine import is_remote
+
+    return REMOTE_GATES if is_remote(ctx.plan) else GATES
 
 
 __all__ = ["GATES", "GateContext", "GateFailed", "RunOptions", "module"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,10 @@ from lorabuild.diagnose import diagnose
 from lorabuild.fsutil import atomic_write_text
 from lorabuild.gates import GateContext, GateFailed
 from lorabuild.limits import record_limit
+from lorabuild.machine import machine_for
 from lorabuild.preflight import check_dataset
-from lorabuild.procs import LaunchFailed, run_streaming
+from lorabuild.procs import LaunchFailed
+from lorabuild.remote import RemoteError
 
 TITLE = "Gate 4 — dry run"
 
@@ -72,19 +73,18 @@ def run(ctx: GateContext) -> None:
     plan = ctx.plan
     with open(ctx.run.dryrun_log, "w", encoding="utf-8") as log:
         preflight(ctx, log)
-        batch, accumulation = plan.training.batch_size, plan.training.gradient_accumulation
-        while True:
-            seen, finished_code, tail = _attempt(ctx, log, batch, accumulation)
-            if _passed(seen, finished_code):
-                break
-            failure = _diagnose(ctx, seen, finished_code, tail)
-            if failure.kind != "oom" or batch == 1:
-                raise failure.gate
-            old = batch
-            batch, accumulation = max(1, batch // 2), accumulation * 2
-            message = f"Hit memory limit — reducing batch size from {old} to {batch} and retrying"
-            ctx.console.say(f"  {message}")
-            log.write(f"\n# lorabuild: {message}\n")
+        machine = None
+        try:
+            machine = machine_for(ctx)
+            seen, batch, accumulation = _attempts(ctx, machine, log)
+        except RemoteError as exc:
+            raise GateFailed(
+                f"Dry run failed — the connection to the machine that trains was lost: {exc}",
+                "check that it is on and reachable (`lorabuild cloud ls` for a cloud one), then run again",
+            ) from None
+        finally:
+            if machine is not None:
+                machine.close()
     if batch != plan.training.batch_size:
         record_limit(
             ctx.run.limits, ctx.machine_key, batch_size=batch, failed_at=plan.training.batch_size, where="the dry run"
@@ -101,6 +101,24 @@ def run(ctx: GateContext) -> None:
     atomic_write_text(ctx.run.dryrun_ok, json.dumps(record, indent=2, sort_keys=True) + "\n")
     extra = f" at batch size {batch}" if batch != plan.training.batch_size else ""
     ctx.console.say(f"  Dry run passed — model loaded, {seen['steps']} steps completed{extra}, no errors")
+
+
+def _attempts(ctx: GateContext, machine: Any, log: Any) -> tuple[dict[str, Any], int, int]:
+    """Dry-run until it passes, halving the batch on out of memory (Gate 2's rule)."""
+    plan = ctx.plan
+    batch, accumulation = plan.training.batch_size, plan.training.gradient_accumulation
+    while True:
+        seen, finished_code, tail = _attempt(ctx, machine, log, batch, accumulation)
+        if _passed(seen, finished_code):
+            return seen, batch, accumulation
+        failure = _diagnose(ctx, seen, finished_code, tail)
+        if failure.kind != "oom" or batch == 1:
+            raise failure.gate
+        old = batch
+        batch, accumulation = max(1, batch // 2), accumulation * 2
+        message = f"Hit memory limit — reducing batch size from {old} to {batch} and retrying"
+        ctx.console.say(f"  {message}")
+        log.write(f"\n# lorabuild: {message}\n")
 
 
 def preflight(ctx: GateContext, log: Any) -> None:
@@ -121,8 +139,10 @@ def preflight(ctx: GateContext, log: Any) -> None:
     ctx.console.say(f"  Dataset checked: {report.images} pictures, {report.captions} captions")
 
 
-def _attempt(ctx: GateContext, log: Any, batch: int, accumulation: int) -> tuple[dict[str, Any], int, list[str]]:
-    plan = ctx.plan
+def _attempt(
+    ctx: GateContext, machine: Any, log: Any, batch: int, accumulation: int
+) -> tuple[dict[str, Any], int, list[str]]:
+    plan = machine.plan
     steps = presets.DRY_RUN_STEPS
     seen: dict[str, Any] = {"model_loaded": False, "dataset": None, "steps": 0, "errors": [], "step_seconds": []}
 
@@ -131,11 +151,11 @@ def _attempt(ctx: GateContext, log: Any, batch: int, accumulation: int) -> tuple
             _note(seen, event)
 
     override = batch != plan.training.batch_size
-    with tempfile.TemporaryDirectory(prefix=".dryrun-", dir=ctx.run.dir) as scratch:
+    with machine.scratch("dryrun") as scratch:
         launch = backends.launch(
             plan,
-            ctx.run.backend_dir,
-            Path(scratch),
+            machine.backend_dir,
+            scratch,
             max_steps=steps,
             resume=False,
             batch_size=batch if override else None,
@@ -144,7 +164,7 @@ def _attempt(ctx: GateContext, log: Any, batch: int, accumulation: int) -> tuple
         log.write(f"# lorabuild dry run ({steps} steps, batch size {batch}): {shlex.join(launch.argv)}\n")
         log.flush()
         try:
-            finished = run_streaming(launch, log=log, on_line=on_line, pid_file=ctx.run.backend_pid)
+            finished = machine.run(launch, log=log, on_line=on_line, kind="dryrun")
         except LaunchFailed as exc:
             raise GateFailed(
                 f"Dry run failed — the backend could not be started: {exc.program}: {exc.reason}",

@@ -61,8 +61,17 @@ def file_deps(ctx: GateContext) -> list[Path]:
     return []
 
 
+def remote_stamp(compute: Any) -> dict[str, Any]:
+    """A remote machine as the spec names it: the address of an SSH host; for a cloud the GPU
+    asked for (each instance is new, and deployed to anew)."""
+    return {"target": compute.target, "host": compute.host, "gpu": compute.gpu}
+
+
 def environment_stamp(ctx: GateContext) -> dict[str, Any]:
-    """Cheap identity of the machine and the backend's torch: no import, no subprocess."""
+    """Cheap identity of the machine and the backend's torch: no import, no subprocess. A remote
+    machine is known by its address (a cloud instance is new every time, and checked anew)."""
+    if ctx.plan.compute.target != "local":
+        return remote_stamp(ctx.plan.compute)
     return {
         "hostname": ctx.machine.hostname,
         **ctx.machine.gpus.fingerprint(),
@@ -153,10 +162,20 @@ def disk_needed(plan: Plan, *, inputs_to_place: bool = False) -> int:
 
 
 def check_environment(
-    plan: Plan, gpus: GpuReport, where: Path, facts: dict[str, Any] | None = None, *, inputs_to_place: bool = False
+    plan: Plan,
+    gpus: GpuReport,
+    where: Path | str,
+    facts: dict[str, Any] | None = None,
+    *,
+    inputs_to_place: bool = False,
+    free: int | None = None,
+    install: backends.Installation | None = None,
 ) -> tuple[list[Check], dict[str, Any]]:
-    """Every environment check for `plan` on this machine, and the facts they were made from.
+    """Every environment check for `plan` on the machine that trains, and the facts they were made from.
 
+    Locally everything is read here; for a remote machine the caller passes what it read there
+    (`facts` from the backend's Python, `free` disk at `where`, the backend's `install`), and the
+    checks and their words are the same.
     `inputs_to_place`: count the model and dataset in the disk check (they are not there yet)."""
     facts = facts if facts is not None else probe(plan)
     checks: list[Check] = []
@@ -227,7 +246,7 @@ def check_environment(
 
     if inputs_to_place:
         pass  # `lorabuild env`: the model is described by its size, not looked for
-    elif plan.compute.target == "local" and plan.model.kind == "missing":
+    elif plan.model.kind == "missing":  # remote targets get this very file uploaded
         checks.append(
             Check(
                 "model",
@@ -236,13 +255,13 @@ def check_environment(
                 "check `base_model.path` (relative paths start at the spec's folder), or download the model there",
             )
         )
-    elif plan.compute.target == "local" and not plan.model.demo:
+    elif not plan.model.demo:
         checks.append(
             Check(
                 "model", True, f"The base model is there: {Path(plan.model.path).name} ({plan.model.bytes / GB:.1f} GB)"
             )
         )
-    install = backends.installation(plan)
+    install = install if install is not None else backends.installation(plan)
     modules = facts.get("modules") or {}
     missing = [name for name, version in modules.items() if version is None]
     if not install.ok:
@@ -262,7 +281,7 @@ def check_environment(
             shown = ", ".join(f"{k} {v}" for k, v in modules.items())
             checks.append(Check("backend", True, f"The backend is installed: {install.message} ({shown})"))
 
-    free = free_bytes(where)
+    free = free if free is not None else free_bytes(Path(where))
     parts = disk_parts(plan, inputs_to_place=inputs_to_place or plan.compute.target != "local")
     needed = sum(parts.values())
     what = ", ".join(name for name, size in parts.items() if size)
@@ -385,9 +404,15 @@ def render_environment_md(plan: Plan, checks: list[Check], record: dict[str, Any
 
 
 def run(ctx: GateContext) -> None:
-    checks, record = check_environment(ctx.plan, ctx.machine.gpus, ctx.run.root)
+    from lorabuild.machine import is_remote
+
+    if is_remote(ctx.plan):
+        checks, record, plan = check_remote(ctx)
+    else:
+        checks, record = check_environment(ctx.plan, ctx.machine.gpus, ctx.run.root)
+        plan = ctx.plan
     atomic_write_json(ctx.run.environment_json, record)
-    atomic_write_text(ctx.run.environment_md, render_environment_md(ctx.plan, checks, record))
+    atomic_write_text(ctx.run.environment_md, render_environment_md(plan, checks, record))
     for check in checks:
         (ctx.console.say if check.ok else ctx.console.fail)(f"  {check.message}")
     failed = [c for c in checks if not c.ok]
@@ -397,6 +422,69 @@ def run(ctx: GateContext) -> None:
             "; ".join(c.fix for c in failed if c.fix) or "see environment.md",
             [c.message for c in failed],
         )
+
+
+def check_remote(ctx: GateContext) -> tuple[list[Check], dict[str, Any], Plan]:
+    """Gate 3 on the machine that trains, over SSH: the same checks and words as here."""
+    from lorabuild.machine import RemoteMachine, machine_for
+
+    machine = machine_for(ctx)
+    assert isinstance(machine, RemoteMachine)
+    host = machine.host
+    try:
+        host.run(["mkdir", "-p", "--", machine.layout.root], timeout=60)
+        plan = machine.plan
+        gpus = host.gpu_report()
+        facts = host.probe_python(plan.backend.python, backends.probe_command(plan)[3:])
+        free = host.free_bytes(machine.layout.root)
+        install = _remote_installation(machine)
+        checks, record = check_environment(
+            plan, gpus, machine.layout.root, facts, free=free, install=install, inputs_to_place=True
+        )
+    finally:
+        machine.close()
+    installable = bool(backends.install_commands(plan))
+    softened = []
+    for check in checks:
+        # lorabuild installs a missing backend there before the dry run, so it is news, not a stop
+        if not check.ok and check.name == "backend" and installable:
+            check = Check(
+                check.name,
+                True,
+                check.message.replace("Problem: ", "Note: ") + " — lorabuild installs it there before the dry run",
+                warning=True,
+            )
+        softened.append(check)
+    if ctx.plan.model.kind == "missing":
+        softened.append(
+            Check(
+                "model",
+                False,
+                f"Problem: the base model {ctx.plan.model.path} was not found on this computer, so it cannot be sent",
+                "check `base_model.path` (relative paths start at the spec's folder)",
+            )
+        )
+    record["checks"] = [asdict(c) for c in softened]
+    record["passed"] = all(c.ok for c in softened)
+    record["machine"] = host.target.describe()
+    record["remote_dir"] = machine.layout.root
+    return softened, record, plan
+
+
+def _remote_installation(machine: Any) -> backends.Installation:
+    entry = backends.remote_entry_point(machine.plan)
+    name = machine.plan.backend.name
+    where = machine.host.target.host
+    if entry is None:
+        return backends.Installation(True, f"lorabuild's own trainer (sent to {where} with each run)")
+    path = machine.host.expand_path(entry)
+    if machine.host.run(["test", "-f", path], timeout=60, check=False).ok:
+        return backends.Installation(True, f"{name} at {path.rsplit('/', 1)[0]} on {where}", entry_point=path)
+    return backends.Installation(
+        False,
+        f"the {name} backend is not installed on {where} ({path} is missing)",
+        backends.installation(machine.plan).fix or f"install {name} there",
+    )
 
 
 def guess_family(model_gb: float) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,12 @@ from lorabuild.diagnose import diagnose
 from lorabuild.fsutil import atomic_write_json, remove_path
 from lorabuild.gates import GateContext, GateFailed
 from lorabuild.limits import read_limit, record_limit
+from lorabuild.machine import LocalMachine, RemoteMachine, is_remote, machine_for
 from lorabuild.monitor import Monitor
 from lorabuild.plan import TrainingPlan
-from lorabuild.procs import LaunchFailed, run_streaming
+from lorabuild.procs import LaunchFailed
 from lorabuild.progress import ProgressTracker
+from lorabuild.remote import RemoteError
 from lorabuild.ui import TrainingView
 
 TITLE = "Training"
@@ -64,6 +65,9 @@ ERRORS: dict[str, str] = {
 
 def targets(ctx: GateContext) -> list[Path]:
     run = ctx.run
+    if is_remote(ctx.plan):
+        # the LoRA is the pull step's target: a failed fetch must not train again
+        return [run.remote_result, run.train_log, run.progress_json, run.progress_md]
     return [run.lora, run.train_log, run.progress_json, run.progress_md]
 
 
@@ -137,13 +141,38 @@ def set_aside_other_runs(ctx: GateContext) -> int:
 
 
 def run(ctx: GateContext) -> None:
-    plan = ctx.plan
     confirm(ctx)
-    output_dir = ctx.run.checkpoints
-    moved = set_aside_other_runs(ctx)
+    machine: LocalMachine | RemoteMachine | None = None
+    try:
+        machine = machine_for(ctx)
+        _train(ctx, machine)
+    except RemoteError as exc:
+        raise GateFailed(
+            f"Training stopped watching — the connection to the machine that trains was lost: {exc}",
+            "run the same command again: lorabuild re-attaches to the training if it is still running there, "
+            "or resumes it from the newest checkpoint",
+        ) from None
+    finally:
+        if machine is not None:
+            machine.close()
+
+
+def _train(ctx: GateContext, machine: LocalMachine | RemoteMachine) -> None:
+    plan = machine.plan
+    output_dir = machine.output_dir
+    if isinstance(machine, RemoteMachine):
+        moved = machine.set_aside()
+        existing = [Path(n) for n in machine.checkpoint_names()]
+        metrics: list[Path] = []
+    else:
+        moved = set_aside_other_runs(ctx)
+        existing = [c.path for c in backends.checkpoints(plan, Path(output_dir))]
+        metrics = backends.metrics_files(plan, Path(output_dir))
     if moved:
-        ctx.console.say(f"  {moved} checkpoint file(s) from a run with other settings moved to {earlier_folder(ctx)}")
-    existing = backends.checkpoints(plan, output_dir)
+        ctx.console.say(
+            f"  {moved} checkpoint file(s) from a run with other settings moved to checkpoints.earlier/"
+            + ("" if machine.remote else f" ({earlier_folder(ctx)})")
+        )
     tracker = ProgressTracker(
         name=plan.name,
         json_path=ctx.run.progress_json,
@@ -154,10 +183,11 @@ def run(ctx: GateContext) -> None:
         ema_beta=plan.monitor.ema_beta,
         notes=list(plan.adjustments),
     )
-    tracker.know_checkpoints([c.path for c in existing])
+    tracker.know_checkpoints(existing)
     tracker.write(force=True)
-    final = backends.final_lora(plan, output_dir)
-    final.unlink(missing_ok=True)  # only a file this run writes counts as its result
+    final = backends.final_lora(plan, Path(output_dir))
+    if not ctx.run.remote_job.exists():
+        machine.remove(final)  # only a file this run writes counts as its result (unless re-attaching)
     batch, accumulation = plan.training.batch_size, plan.training.gradient_accumulation
     limit = read_limit(ctx.run.limits, ctx.machine_key)
     if limit and limit["batch_size"] < batch:
@@ -168,7 +198,7 @@ def run(ctx: GateContext) -> None:
             f"starting at batch size {batch}: the dry run ran out of memory at {plan.training.batch_size}"
         )
     view = TrainingView(ctx.console, plan.steps.total_steps, plan.steps.epochs)
-    stop = _Stopper(ctx)
+    stop = _Stopper(machine)
     monitor = Monitor(
         tracker=tracker,
         read_line=lambda line: backends.parse_log_line(plan, line),
@@ -179,15 +209,16 @@ def run(ctx: GateContext) -> None:
         on_event=lambda event: _report(view, event, tracker),
         steps_per_epoch=plan.steps.steps_per_epoch,
     )
-    with open(ctx.run.train_log, "a" if existing else "w", encoding="utf-8") as log:
+    resuming = bool(existing) or ctx.run.remote_job.exists()
+    with open(ctx.run.train_log, "a" if resuming else "w", encoding="utf-8") as log:
         if existing:
-            log.write(f"\n# lorabuild: starting again; {len(existing)} checkpoint(s) on disk\n")
+            log.write(f"\n# lorabuild: starting again; {len(existing)} checkpoint(s) on {machine.where()}\n")
             log.flush()
         # the monitor reads the log as it grows, from here on (older lines belong to older runs)
-        monitor.follow(ctx.run.train_log, backends.metrics_files(plan, output_dir), from_end=True)
+        monitor.follow(ctx.run.train_log, metrics, from_end=True)
         try:
             while True:
-                result = _attempt(ctx, log, monitor, output_dir, batch, accumulation, stop)
+                result = _attempt(ctx, machine, log, monitor, batch, accumulation, stop)
                 if result.ok:
                     break
                 if result.kind == "oom" and batch > 1 and tracker.oom_recoveries < MAX_OOM_RETRIES:
@@ -213,31 +244,41 @@ def run(ctx: GateContext) -> None:
             raise
         finally:
             view.close()
-    os.replace(final, ctx.run.lora)
-    for removed in backends.prune_checkpoints(plan, output_dir):
-        tracker.handle(Event("checkpoint_removed", {"path": str(removed)}))
-    monitor.close("COMPLETE", f"the LoRA is at {ctx.run.lora}")
-    ctx.console.say(f"  Your LoRA is ready: {ctx.run.lora}")
+    if isinstance(machine, RemoteMachine):
+        # the LoRA stays there until the pull step fetches it (a failed fetch never trains again)
+        atomic_write_json(
+            ctx.run.remote_result,
+            {
+                "machine": machine.where(),
+                "final": str(final),
+                "output_dir": str(output_dir),
+                "resume_key": plan.resume_key,
+            },
+        )
+        monitor.close("COMPLETE", f"training finished on {machine.where()}; the LoRA is fetched next")
+        ctx.console.say(f"  Training finished on {machine.where()}")
+    else:
+        os.replace(final, ctx.run.lora)
+        for removed in backends.prune_checkpoints(plan, Path(output_dir)):
+            tracker.handle(Event("checkpoint_removed", {"path": str(removed)}))
+        monitor.close("COMPLETE", f"the LoRA is at {ctx.run.lora}")
+        ctx.console.say(f"  Your LoRA is ready: {ctx.run.lora}")
     if tracker.anomalies:
         ctx.console.say("  Watch out: " + "; ".join(a["message"] for a in tracker.anomalies))
 
 
 class _Stopper:
-    """Stops the backend's process group when the monitor finds the loss exploded."""
+    """Stops the backend (its process group, here or there) when the monitor finds the loss exploded."""
 
-    def __init__(self, ctx: GateContext):
-        self.ctx = ctx
+    def __init__(self, machine: LocalMachine | RemoteMachine):
+        self.machine = machine
         self.anomaly: Anomaly | None = None
 
     def stop(self, anomaly: Anomaly) -> None:
         if self.anomaly is not None:
             return
         self.anomaly = anomaly
-        try:
-            pgid = int(json.loads(self.ctx.run.backend_pid.read_text(encoding="utf-8"))["pgid"])
-            os.killpg(pgid, signal.SIGTERM)  # the backend saves what it can and stops
-        except (OSError, ValueError, KeyError):
-            pass
+        self.machine.stop()  # the backend saves what it can and stops
 
 
 def _on_anomaly(view: TrainingView, stop: _Stopper, anomaly: Anomaly) -> None:
@@ -260,26 +301,33 @@ class _Outcome:
 
 
 def _attempt(
-    ctx: GateContext, log: Any, monitor: Monitor, output_dir: Path, batch: int, accumulation: int, stop: _Stopper
+    ctx: GateContext,
+    machine: LocalMachine | RemoteMachine,
+    log: Any,
+    monitor: Monitor,
+    batch: int,
+    accumulation: int,
+    stop: _Stopper,
 ) -> _Outcome:
     """One launch of the backend (resuming from the newest checkpoint); what came of it."""
-    plan = ctx.plan
+    plan = machine.plan
     monitor.errors.clear()
     override = batch != plan.training.batch_size
+    output_dir = Path(machine.output_dir)
     launch = backends.launch(
         plan,
-        ctx.run.backend_dir,
+        Path(machine.backend_dir),
         output_dir,
         batch_size=batch if override else None,
         gradient_accumulation=accumulation if override else None,
     )
     try:
-        finished = run_streaming(launch, log=log, on_line=_ignore, pid_file=ctx.run.backend_pid)
+        finished = machine.run(launch, log=log, on_line=_ignore, kind="train")
     except LaunchFailed as exc:
         return _Outcome(False, "not_installed", f"the backend could not be started: {exc.program}: {exc.reason}")
     monitor.catch_up()  # every line the backend wrote is read before judging
     if stop.anomaly is not None:
-        last = backends.checkpoints(plan, output_dir)
+        last = [] if machine.remote else backends.checkpoints(plan, output_dir)
         where = f"; the last checkpoint before it is {last[-1].path.name}" if last else ""
         return _Outcome(
             False,
@@ -289,14 +337,15 @@ def _attempt(
         )
     errors = list(monitor.errors)
     final = backends.final_lora(plan, output_dir)
+    written = machine.exists(final)
     # exit codes lie (accelerate, train.sh, Ctrl-C in ai-toolkit): the LoRA file and the errors decide
-    if finished.returncode == 0 and not errors and final.is_file():
+    if finished.returncode == 0 and not errors and written:
         return _Outcome(True)
     text = "\n".join(finished.tail)
     kinds = [str(e.get("kind")) for e in errors]
     if not kinds and backends.is_out_of_memory(plan, text):
         kinds = ["oom"]
-    if not kinds and finished.returncode == 0 and not final.is_file():
+    if not kinds and finished.returncode == 0 and not written:
         what, kind = "the backend finished without writing the LoRA file", "internal"
     else:
         found = diagnose(kinds, text)
