@@ -141,6 +141,7 @@ class RemoteMachine:
         self.ctx = ctx
         self.host = RemoteHost(target, resolve=resolve, retry=retry_policy())
         self.on_train_started = on_train_started
+        self.instance_id: str | None = None  # the cloud instance, when it is one
         root = self.host.expand_path(ctx.plan.compute.remote_dir or REMOTE_DIR_DEFAULT)
         self.layout = RemoteLayout(root.rstrip("/"), ctx.plan.name)
         self.plan = remote_plan(ctx, self.layout, self._python())
@@ -270,6 +271,7 @@ class RemoteMachine:
                     copy(data)
                 state.unlink(missing_ok=True)
                 if current == ("exited", 0):
+                    self.ctx.console.say(f"  The training on {self.where()} finished while lorabuild was away")
                     for line in splitter.feed(b"", end=True):
                         on_line(line)
                     return Finished(0, time.monotonic() - started, tail)
@@ -403,7 +405,10 @@ def machine_for(ctx: GateContext) -> LocalMachine | RemoteMachine:
     from lorabuild.cloud import session
 
     target, resolve = session.instance_target(ctx)
-    return RemoteMachine(ctx, target, resolve=resolve, on_train_started=session.after_training_guard(ctx))
+    machine = RemoteMachine(ctx, target, resolve=resolve, on_train_started=session.after_training_guard(ctx))
+    entry = session.current_entry(ctx)
+    machine.instance_id = entry.id if entry else None
+    return machine
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

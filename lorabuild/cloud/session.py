@@ -29,6 +29,7 @@ from lorabuild import cloud
 from lorabuild.cloud import GpuNeed, LaunchRequest, Offer, ProviderError, ledger
 from lorabuild.cloud.credentials import MissingCredentials, redact, where_to_put_it
 from lorabuild.gates import GateContext, GateFailed
+from lorabuild.glossary import explain
 
 if TYPE_CHECKING:
     from lorabuild.remote import RemoteHost, SshTarget
@@ -108,13 +109,13 @@ def describe_offer(ctx: GateContext, offer: Offer) -> str:
     where = f" in {offer.location}" if offer.location else ""
     reliability = f", reliability {offer.reliability:.0%}" if offer.reliability is not None else ""
     return (
-        f"  Cheapest match on {ledger.provider_name(offer.provider)}: {count}{offer.gpu} "
+        f"  Cheapest offer ({explain('offer')}) on {ledger.provider_name(offer.provider)}: {count}{offer.gpu} "
         f"({offer.vram_gb:g} GB){where}{reliability} at ${offer.price_per_hour:.2f} per hour.\n"
         f"  Estimated cost: about ${offer.price_per_hour * hours:.2f} "
         f"(training {ctx.plan.estimates.time_text.removeprefix('about ')} plus about "
         f"{PROVISIONING_HOURS * 60:.0f} minutes to start).\n"
-        f"  At most ${offer.price_per_hour * limit:.2f}: the instance deletes itself after {limit:g} hours "
-        "whatever happens (`compute.max_hours`)."
+        f"  At most ${offer.price_per_hour * limit:.2f}: the instance deletes itself after {limit:g} "
+        f"hour{'' if limit == 1 else 's'} whatever happens (`compute.max_hours`; {explain('self_delete')})."
     )
 
 
@@ -240,7 +241,9 @@ def spinup(ctx: GateContext) -> None:
         ) from None
     finally:
         host.close()
-    console.ok(f"Cloud instance ready: {entry.describe()}, reachable at {target.describe()}")
+    console.ok(
+        f"Cloud instance ready: {entry.describe()}, reachable over SSH ({explain('ssh_login')}) at {target.describe()}"
+    )
 
 
 def _confirm(ctx: GateContext, offer: Offer) -> None:
@@ -280,7 +283,7 @@ def _rent(ctx: GateContext) -> ledger.Entry:
             f"{ledger.provider_name(offer.provider)} did not rent the GPU: {redact(str(exc))}",
             "run again (another offer may be free); `lorabuild cloud ls` shows what the account has",
         ) from None
-    ctx.console.say(f"  Rented {entry.describe()}; waiting for it to start")
+    ctx.console.say(f"  Rented the instance ({explain('instance')}): {entry.describe()}; waiting for it to start")
     return entry
 
 

@@ -42,7 +42,9 @@ def run(ctx: GateContext) -> None:
         machine = machine_for(ctx)
         assert isinstance(machine, RemoteMachine)
         final, output_dir = str(record["final"]), str(record["output_dir"])
-        if not machine.exists(Path(final)):
+        # a new cloud instance never has the result of the one that was deleted
+        other_instance = record.get("instance") not in (None, machine.instance_id)
+        if other_instance or not machine.exists(Path(final)):
             ctx.run.remote_result.unlink(missing_ok=True)
             raise GateFailed(
                 f"the trained LoRA is no longer on {machine.where()} ({final} is gone — "

@@ -253,6 +253,7 @@ def _train(ctx: GateContext, machine: LocalMachine | RemoteMachine) -> None:
                 "final": str(final),
                 "output_dir": str(output_dir),
                 "resume_key": plan.resume_key,
+                "instance": machine.instance_id,
             },
         )
         monitor.close("COMPLETE", f"training finished on {machine.where()}; the LoRA is fetched next")
