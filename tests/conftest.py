@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,12 @@ from tests.sshd import sshd_server  # noqa: F401 - one real OpenSSH server for e
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_DATA = REPO / "examples" / "shapes"
+
+# Ctrl-C is part of what the tests check. Started where SIGINT is ignored (a background job of a
+# non-interactive shell, some CI runners), the tests would pass that on to every lorabuild they
+# start, and Python would ignore Ctrl-C in them; with a handler here, children start with the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def lorabuild_env() -> dict[str, str]:

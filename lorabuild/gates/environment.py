@@ -63,13 +63,14 @@ def file_deps(ctx: GateContext) -> list[Path]:
 
 def remote_stamp(compute: Any) -> dict[str, Any]:
     """A remote machine as the spec names it: the address of an SSH host; for a cloud the GPU
-    asked for (each instance is new, and deployed to anew)."""
+    asked for. Not the instance: its id is unknown until spin-up, and a finished run has none, so
+    a later instance of the same kind is trusted (deploy still installs what it lacks)."""
     return {"target": compute.target, "host": compute.host, "gpu": compute.gpu}
 
 
 def environment_stamp(ctx: GateContext) -> dict[str, Any]:
     """Cheap identity of the machine and the backend's torch: no import, no subprocess. A remote
-    machine is known by its address (a cloud instance is new every time, and checked anew)."""
+    machine is known by its address, a cloud one by the GPU asked for (see remote_stamp)."""
     if ctx.plan.compute.target != "local":
         return remote_stamp(ctx.plan.compute)
     return {
