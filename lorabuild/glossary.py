@@ -83,6 +83,7 @@ TERMS: dict[str, str] = {
     "max_hours": "a deadline: the cloud machine deletes itself after this many hours, so it never runs up a bill",
     "instance": "a rented cloud computer with a GPU; it costs money every minute until it is deleted",
     "ssh_login": "SSH: the secure way lorabuild logs in to another computer to run commands and copy files",
+    "host_key": "the fingerprint SSH recognises a machine by; a different one means a different machine",
     "offer": "one GPU a cloud provider has for rent right now, at its current price per hour",
     "self_delete": "the rented computer deletes itself with its own limited key, even if your computer is gone",
     "plateau_min_delta": "how much the smoothed loss must improve to count as progress",

@@ -393,7 +393,13 @@ def ssh_target(ctx: GateContext) -> Any:
     compute = ctx.plan.compute
     assert compute.host is not None
     key = str(ctx.loaded.absolute(compute.identity_file)) if compute.identity_file else None
-    return SshTarget(host=compute.host, port=compute.port or 22, user=compute.user or getpass.getuser(), key_file=key)
+    return SshTarget(
+        host=compute.host,
+        port=compute.port or 22,
+        user=compute.user or getpass.getuser(),
+        key_file=key,
+        known_hosts=str(ctx.run.known_hosts),
+    )
 
 
 def machine_for(ctx: GateContext) -> LocalMachine | RemoteMachine:

@@ -3,7 +3,10 @@
 Owns everything about talking to a machine lorabuild trains on but does not run on: a host the
 artist can reach (`compute: {target: ssh}`) or a rented cloud instance. Built on a Fabric 3
 `Connection` (paramiko underneath), isolated from the user's ~/.ssh/config and known_hosts, with
-bounded connect / banner / auth timeouts and SSH keepalives. Every operation goes through one
+bounded connect / banner / auth timeouts and SSH keepalives. A machine's identity (its host key)
+is trusted the first time and pinned from then on, in the target's own known_hosts file when it
+has one (kept in the grimoire between runs), so a machine that answers with another key later is
+refused. Every operation goes through one
 reconnect-with-backoff wrapper, so a dropped connection (dead transport, EOF, socket error) is
 reopened and the operation repeated; that is why every operation here is safe to repeat.
 
@@ -80,6 +83,7 @@ class SshTarget:
     key_file: str | None = None
     connect_timeout: float = 15.0  # seconds for the TCP connect, the SSH banner and the login each
     keepalive: int = 15  # seconds between SSH keepalive messages (0: none)
+    known_hosts: str | None = None  # where the pinned host key is kept between runs (None: this run only)
 
     def describe(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
@@ -294,6 +298,26 @@ def _describe_exc(exc: BaseException) -> str:
 # --- the remote host ------------------------------------------------------------------------------
 
 
+def _load_host_keys(path: str | None) -> Any:
+    """The pinned host keys: those kept in `path` (a known_hosts file), or none yet."""
+    import paramiko
+
+    keys = paramiko.HostKeys()
+    if path and os.path.exists(path):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            keys.load(path)  # paramiko skips lines it cannot read; then the key is learned again
+    return keys
+
+
+def _save_host_keys(keys: Any, path: str) -> None:
+    """Write the pinned keys to `path` at once (a reader never sees half a file)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
+    keys.save(tmp)
+    os.replace(tmp, path)
+
+
 class RemoteHost:
     """One remote machine. Use as a context manager; the connection opens on first use.
 
@@ -367,15 +391,20 @@ class RemoteHost:
         config = Config(ssh_config=paramiko.SSHConfig(), lazy=True)
         conn = Connection(t.host, user=t.user, port=t.port, config=config, connect_kwargs=connect_kwargs)
         if self._host_keys is None:
-            self._host_keys = paramiko.HostKeys()
+            self._host_keys = _load_host_keys(t.known_hosts)
         known = conn.client.get_host_keys()
         for name, keys in self._host_keys.items():
             for keytype, key in keys.items():
                 known.add(name, keytype, key)
         conn.open()
+        learned = False
         for name, keys in known.items():
             for keytype, key in keys.items():
-                self._host_keys.add(name, keytype, key)
+                if self._host_keys.lookup(name) is None or keytype not in self._host_keys.lookup(name):
+                    self._host_keys.add(name, keytype, key)
+                    learned = True
+        if learned and t.known_hosts:
+            _save_host_keys(self._host_keys, t.known_hosts)
         transport = conn.transport
         if t.keepalive:
             transport.set_keepalive(t.keepalive)
@@ -418,6 +447,16 @@ class RemoteHost:
 
         t = self.target
         if isinstance(exc, paramiko.BadHostKeyException):
+            from lorabuild.glossary import explain
+
+            if t.known_hosts:
+                raise RemoteError(
+                    f"{t.host}:{t.port} answered with a different identity (host key: {explain('host_key')}) "
+                    f"than when lorabuild last connected to it, so lorabuild stopped "
+                    f"talking to it. If that machine was reinstalled or replaced, delete the lines for "
+                    f"{t.host} in {t.known_hosts} and run again; if not, someone may be intercepting the "
+                    "connection.",
+                ) from None
             raise RemoteError(
                 f"{t.host}:{t.port} answered with a different identity (host key) than earlier in this run, so "
                 "lorabuild stopped talking to it: it may be a different machine now. If the instance was "

@@ -5,7 +5,8 @@ grimoire/
   studio.md, studio.json
   models/                        demo models created here
   training/{name}/               the run folder (DESIGN.md)
-  .lorabuild/                    doit state, locks, incomplete markers, failures, backend pids
+  .lorabuild/                    doit state, locks, incomplete markers, failures, backend pids,
+                                 pinned SSH host keys (known_hosts)
 ```
 
 The spec name is a slug (checked by the spec), and every path is also checked to stay inside
@@ -107,6 +108,11 @@ class RunFolder:
     @property
     def state_root(self) -> Path:
         return self.root / ".lorabuild"
+
+    @property
+    def known_hosts(self) -> Path:
+        """The host keys of the SSH machines this grimoire trains on, pinned the first time."""
+        return self.state_root / "known_hosts"
 
     @property
     def state(self) -> Path:

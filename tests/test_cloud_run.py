@@ -146,6 +146,9 @@ def test_a_cloud_run_rents_trains_fetches_and_deletes(cloud: CloudProject) -> No
     cloud.assert_nothing_left()
     (instance,) = cloud.fake.instances[cloud.provider].values()
     assert instance.deleted_with == "account"  # lorabuild deleted it, and the provider confirmed
+    # its host key was pinned in a file of its own (a later instance may reuse the address)
+    pinned = cloud.project.grimoire / ".lorabuild" / "cloud" / "known_hosts" / f"{cloud.provider}-{instance.id}"
+    assert "ssh-ed25519 " in pinned.read_text()
     # the instance armed its own deadline over SSH (besides the boot timer in its onstart)
     assert list((cloud.remote / "lorabuild-self-delete").glob("deadline-*/pgid"))
     studio_md = (cloud.project.grimoire / "studio.md").read_text()

@@ -170,6 +170,36 @@ def test_wrong_key_is_a_plain_login_problem_not_a_retry(sshd_server: SshServer, 
     assert "authorized_keys" in str(err.value)
 
 
+def test_the_host_key_is_pinned_between_runs_and_a_different_one_refused(
+    sshd_server: SshServer, tmp_path: Path
+) -> None:
+    known_hosts = tmp_path / "grimoire" / ".lorabuild" / "known_hosts"
+    target = sshd_server.target(known_hosts=str(known_hosts))
+    # first contact: trusted and written down
+    with RemoteHost(target, retry=FAST) as host:
+        assert host.run(["true"], timeout=10).ok
+    server_key = (sshd_server.folder / "host_ed25519.pub").read_text().split()[1]
+    pinned = known_hosts.read_text()
+    assert f"[{sshd_server.host}]:{sshd_server.port} ssh-ed25519 {server_key}" in pinned
+    # a later run (a new RemoteHost) connects with that pin, also through the system ssh (rsync)
+    with RemoteHost(target, retry=FAST) as host:
+        assert host.run(["true"], timeout=10).ok
+        assert server_key in Path(host._known_hosts_file()).read_text()  # what rsync's ssh checks against
+    assert known_hosts.read_text() == pinned
+    # the same address answering with another key: refused at once, with the file to edit
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    other_key = (tmp_path / "other_host_key.pub").read_text().split()[1]
+    known_hosts.write_text(pinned.replace(server_key, other_key))
+    with RemoteHost(target, retry=FAST) as host:
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match="different identity") as err:
+            host.run(["true"], timeout=10)
+    assert not err.value.retryable and time.monotonic() - started < 5
+    assert str(known_hosts) in str(err.value) and "reinstalled" in str(err.value)
+    assert "fingerprint" in str(err.value)  # the term is explained where it first appears
+
+
 def test_wait_until_reachable(sshd_server: SshServer) -> None:
     with RemoteHost(sshd_server.target()) as host:
         host.wait_until_reachable(time.monotonic() + 10)

@@ -58,6 +58,11 @@ def test_an_ssh_target_trains_there_and_brings_the_lora_home(
     assert progress["status"] == "COMPLETE" and progress["step"] == progress["total_steps"]
     assert list((run / "checkpoints").rglob("*.safetensors"))
     assert (run / "environment.md").read_text().count("127.0.0.1") >= 1
+    # the machine's host key was pinned in the grimoire, for the next run to check against
+    assert (
+        f"[{sshd_server.host}]:{sshd_server.port} ssh-ed25519 "
+        in (project.grimoire / ".lorabuild" / "known_hosts").read_text()
+    )
     status = json.loads(project.lorabuild("status", spec.name, "--json", check=True).stdout)
     assert [(g["name"], g["state"]) for g in status["gates"]] == [
         ("config", "up-to-date"),

@@ -25,8 +25,10 @@ Per grimoire it also keeps the SSH key pair lorabuild logs in to instances with.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -302,6 +304,15 @@ def ssh_keypair(root: Path) -> tuple[Path, str]:
             os.replace(tmp, private)
             public.write_text(f"{pub.decode('ascii')} lorabuild-{grimoire_id(root)}\n", encoding="utf-8")
     return private, public.read_text(encoding="utf-8").strip()
+
+
+def known_hosts_file(root: Path, entry: Entry) -> Path:
+    """Where the host key of this instance is pinned: one file per instance, since a later
+    instance may answer on the same address with a key of its own."""
+    name = f"{entry.provider}-{entry.id}"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,80}", name):  # provider ids are not ours to trust as paths
+        name = f"{entry.provider}-{hashlib.sha256(str(entry.id).encode()).hexdigest()[:16]}"
+    return root / KEY_DIR / "known_hosts" / name
 
 
 def record_intent(

@@ -172,7 +172,11 @@ def _target(root: Path, e: ledger.Entry) -> SshTarget:
         )
     key, _public = ledger.ssh_keypair(root)
     return SshTarget(
-        host=str(e.ssh["host"]), port=int(e.ssh["port"]), user=str(e.ssh.get("user") or "root"), key_file=str(key)
+        host=str(e.ssh["host"]),
+        port=int(e.ssh["port"]),
+        user=str(e.ssh.get("user") or "root"),
+        key_file=str(key),
+        known_hosts=str(ledger.known_hosts_file(root, e)),
     )
 
 
