@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,16 @@ def test_a_gpu_backend_planned_on_a_machine_without_gpu_uses_the_declared_gpu(ba
     assert plan.device.kind == "gpu" and plan.device.memory_gb == 24
     builtin = plan_for(bare_project, CPU, compute={"target": "local", "gpu": "RTX 4090"})
     assert builtin.device.kind == "cpu"  # the builtin trainer really runs on this processor
+
+
+def test_the_builtin_trainer_gets_this_machines_pythonpath_only_here(
+    bare_project: Project, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from lorabuild.backends import builtin
+
+    monkeypatch.setenv("PYTHONPATH", "/only/on/this/machine")
+    here = builtin.launch(plan_for(bare_project), tmp_path, tmp_path)
+    assert here.env["PYTHONPATH"].split(os.pathsep)[1:] == ["/only/on/this/machine"]
+    remote = plan_for(bare_project, compute={"target": "ssh", "host": "box"})
+    there = builtin.launch(remote, tmp_path, tmp_path)
+    assert "/only/on/this/machine" not in there.env["PYTHONPATH"]

@@ -228,7 +228,8 @@ def launch(
         argv += ["--gradient-accumulation", str(gradient_accumulation)]
     # the trainer must import this very lorabuild (or the copy sent to a remote machine)
     package_root = plan.backend.path or str(Path(__file__).resolve().parents[2])
-    existing = os.environ.get("PYTHONPATH")
+    # this machine's PYTHONPATH means nothing on another one
+    existing = os.environ.get("PYTHONPATH") if plan.compute.target == "local" else None
     env = {
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": package_root + (os.pathsep + existing if existing else ""),
