@@ -16,6 +16,7 @@ One doit database serves every spec of a grimoire (task names are `{spec name}:{
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -350,6 +351,21 @@ class RunResult:
     failed: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _only_named_doit_plugins() -> Iterator[None]:
+    """doit with the plugins named here and none from installed packages' entry points: as with
+    config_filenames=(), what a run does must not depend on what else is installed, and each of
+    doit's three entry-point scans reads every installed package's metadata (tens of ms a run)."""
+    import doit.plugin
+
+    saved = doit.plugin.entry_points_impl
+    doit.plugin.entry_points_impl = lambda: lambda group: ()
+    try:
+        yield
+    finally:
+        doit.plugin.entry_points_impl = saved
+
+
 def run_pipeline(ctx: GateContext, *, until: str | None = None) -> RunResult:
     """Run the gates up to `until` (default: all). The caller has taken the run lock."""
     from doit.cmd_base import TaskLoader2
@@ -373,8 +389,9 @@ def run_pipeline(ctx: GateContext, *, until: str | None = None) -> RunResult:
     if leftover:
         ctx.console.warn(f"stopped a training process (pid {leftover}) left behind by an earlier lorabuild")
     record_machine(ctx.run.root, ctx.machine)
-    main = DoitMain(Loader(), config_filenames=(), extra_config={"BACKEND": {BACKEND_NAME: BACKEND_PLUGIN}})
-    code = main.run(["run", *selected])
+    with _only_named_doit_plugins():
+        main = DoitMain(Loader(), config_filenames=(), extra_config={"BACKEND": {BACKEND_NAME: BACKEND_PLUGIN}})
+        code = main.run(["run", *selected])
     if code == 3:
         return RunResult(EXIT_FAILED, reporter.executed, reporter.failed)
     return RunResult(EXIT_OK if code == 0 else EXIT_FAILED, reporter.executed, reporter.failed)

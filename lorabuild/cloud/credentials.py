@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-import tomllib
 from pathlib import Path
 
 from lorabuild.cloud import MissingCredentials
@@ -57,6 +56,8 @@ def _tilde(path: Path) -> str:
 
 
 def _read_runpod_config(path: Path) -> str | None:
+    import tomllib  # here: every command reads the ledger, few read this file
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):

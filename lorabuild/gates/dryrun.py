@@ -24,7 +24,6 @@ from lorabuild.limits import record_limit
 from lorabuild.machine import machine_for
 from lorabuild.preflight import check_dataset
 from lorabuild.procs import LaunchFailed
-from lorabuild.remote import RemoteError
 
 TITLE = "Gate 4 — dry run"
 
@@ -70,6 +69,8 @@ def file_deps(ctx: GateContext) -> list[Path]:
 
 
 def run(ctx: GateContext) -> None:
+    from lorabuild.remote import RemoteError  # here: an up-to-date run never needs SSH
+
     plan = ctx.plan
     with open(ctx.run.dryrun_log, "w", encoding="utf-8") as log:
         preflight(ctx, log)

@@ -27,7 +27,6 @@ from lorabuild.monitor import Monitor
 from lorabuild.plan import TrainingPlan
 from lorabuild.procs import LaunchFailed
 from lorabuild.progress import ProgressTracker
-from lorabuild.remote import RemoteError
 from lorabuild.ui import TrainingView
 
 TITLE = "Training"
@@ -141,6 +140,8 @@ def set_aside_other_runs(ctx: GateContext) -> int:
 
 
 def run(ctx: GateContext) -> None:
+    from lorabuild.remote import RemoteError  # here: an up-to-date run never needs SSH
+
     confirm(ctx)
     machine: LocalMachine | RemoteMachine | None = None
     try:
