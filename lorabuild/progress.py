@@ -47,6 +47,8 @@ class ProgressTracker:
     memory_used_gb: float | None = None
     memory_total_gb: float | None = None
     loss_plot: str | None = None  # file name of the loss curve beside progress.md
+    samples: list[str] = field(default_factory=list)  # the newest sample pictures, relative to progress.md
+    samples_epoch: int | None = None
     _started: float = field(default_factory=time.monotonic)
     _dirty: bool = False
     _started_step: int = 0
@@ -98,7 +100,13 @@ class ProgressTracker:
             self._checkpoint_paths.pop(str(d.get("path")), None)
             self.checkpoints = list(self._checkpoint_paths.values())
             urgent = True
-        elif event.kind in ("done", "saved"):
+        elif event.kind == "sample":
+            epoch = d.get("epoch")
+            if epoch != self.samples_epoch:
+                self.samples, self.samples_epoch = [], epoch if isinstance(epoch, int) else None
+            # the trainer may write elsewhere (a remote machine): progress.md links the run folder's copy
+            self.samples.append(f"samples/{Path(str(d.get('path'))).name}")
+        elif event.kind in ("done", "saved", "samples_done"):
             urgent = True
         self.write(force=urgent)
 
@@ -146,6 +154,8 @@ class ProgressTracker:
             "notes": list(self.notes),
             "message": self.message,
             "loss_plot": self.loss_plot,
+            "samples": list(self.samples),
+            "samples_epoch": self.samples_epoch,
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -210,6 +220,9 @@ def render_progress_md(p: dict[str, Any]) -> str:
         lines.append(f"- **Note**: {note}")
     if p.get("loss_plot"):
         lines += ["", f"![Loss curve: each step faintly, the smoothed loss boldly]({p['loss_plot']})"]
+    if p.get("samples"):
+        lines += ["", f"Sample pictures after epoch {p.get('samples_epoch')} ({ex.first('sample_prompts')}):", ""]
+        lines += [" ".join(f"![sample {k + 1}]({path})" for k, path in enumerate(p["samples"]))]
     lines.append("")
     lines.append(f"_Updated {p['updated_at']}._")
     lines.append("")

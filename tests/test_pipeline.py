@@ -109,6 +109,11 @@ def test_first_run_leaves_every_target(example: Example) -> None:
     on_disk = sorted(p.name for p in (example.run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
     assert on_disk == progress["checkpoints"]
     assert json.loads((example.run_dir / "dryrun.ok").read_text())["steps"] >= 2
+    # the sample picture of each epoch, linked from progress.md (the dry run rendered none)
+    samples = sorted(p.name for p in (example.run_dir / "samples").iterdir())
+    assert samples == [f"epoch-{e:04d}-1.png" for e in range(1, 6)]
+    assert progress["samples"] == ["samples/epoch-0005-1.png"] and progress["samples_epoch"] == 5
+    assert "![sample 1](samples/epoch-0005-1.png)" in (example.run_dir / "progress.md").read_text()
     config_md = (example.run_dir / "config.md").read_text()
     for field in (
         "**Backend**",

@@ -42,11 +42,14 @@ def test_an_ssh_target_trains_there_and_brings_the_lora_home(
     project: Project, sshd_server: SshServer, tmp_path: Path
 ) -> None:
     remote = tmp_path / "remote"
-    spec = write_remote_spec(project, sshd_server, remote)
+    spec = write_remote_spec(project, sshd_server, remote, samples={"prompts": ["a red square"], "steps": 4})
     done = project.lorabuild("run", spec.name, "--yes", timeout=600)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     run = project.run_dir()
+    # the sample pictures rendered there came home with the LoRA
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch-0001-1.png", "epoch-0002-1.png"]
+    assert "2 sample picture(s) fetched from 127.0.0.1" in out
     lora = load_file(str(run / "t.safetensors"))
     assert lora and all(name.startswith("lora_unet_") for name in lora)
     # it trained over there: the inputs, the job and the checkpoints are in the remote folder

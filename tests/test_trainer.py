@@ -362,6 +362,44 @@ def test_same_config_gives_identical_losses(reference: tuple[Path, Result], work
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
+def test_sample_pictures_do_not_change_the_training(reference: tuple[Path, Result], work: Path) -> None:
+    """Samples of each epoch and the last, the same pictures run after run, and the losses and
+    the LoRA exactly those of the same training without samples."""
+    config_path, first = reference
+    config = json.loads(config_path.read_text())
+    runs = []
+    for name in ("samples-a", "samples-b"):
+        folder = work / name
+        config["output"] = {"dir": str(folder), "lora": str(folder / "shapes.safetensors")}
+        config["samples"] = {"prompts": ["shapestyle, a red square", "a blue circle"], "every_n_epochs": 2, "steps": 4}
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(config))
+        result = run_trainer(path)
+        assert result.rc == 0, result.stderr
+        assert result.losses() == first.losses()
+        runs.append((folder, result))
+    (folder_a, result), (folder_b, _) = runs
+    epochs = int(config["training"]["epochs"])
+    rendered = sorted({2 * k for k in range(1, epochs // 2 + 1)} | {epochs})
+    names = sorted(f"epoch-{e:04d}-{i}.png" for e in rendered for i in (1, 2))
+    assert sorted(p.name for p in (folder_a / "samples").iterdir()) == names
+    assert [(e["epoch"], e["index"]) for e in result.of("sample")] == [(e, i) for e in rendered for i in (1, 2)]
+    assert tree_hashes(folder_a / "samples") == tree_hashes(folder_b / "samples")
+    from PIL import Image
+
+    picture = Image.open(folder_a / "samples" / names[0])
+    assert picture.size == (config["training"]["resolution"],) * 2 and picture.mode == "RGB"
+    a, _ = load_lora(Path(json.loads(config_path.read_text())["output"]["lora"]))
+    b, _ = load_lora(folder_a / "shapes.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    # a dry run renders none
+    dry = work / "samples-dry"
+    config["output"] = {"dir": str(dry), "lora": str(dry / "shapes.safetensors")}
+    (work / "dry.json").write_text(json.dumps(config))
+    done = run_trainer(work / "dry.json", "--max-steps", "2", "--no-checkpoints", "--no-resume")
+    assert done.rc == 0 and not done.of("sample") and not (dry / "samples").exists()
+
+
 # -------------------------------------------------------------------------- 4. resuming
 
 

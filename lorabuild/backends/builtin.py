@@ -160,6 +160,7 @@ def render_config(plan: Plan) -> dict[str, str]:
             "dir": str(run),
             "lora": str(run / f"{plan.name}.safetensors"),
             "checkpoints": str(run / "checkpoints"),
+            "samples": str(run / "samples"),
         },
         "resume_key": plan.resume_key,
         "device": "auto",
@@ -169,6 +170,13 @@ def render_config(plan: Plan) -> dict[str, str]:
             "lorabuild_preset": plan.preset,
         },
     }
+    if plan.samples.prompts:
+        config["samples"] = {
+            "prompts": list(plan.samples.prompts),
+            "every_n_epochs": plan.samples.every_n_epochs,
+            "steps": plan.samples.steps,
+            "seed": plan.samples.seed,
+        }
     return {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
 
@@ -195,6 +203,15 @@ def describe_config(plan: Plan) -> list[ConfigLine]:
     lines.append(
         ConfigLine(CONFIG_FILE, "checkpoints.keep_last", str(data["checkpoints"]["keep_last"]), explain("keep_last"))
     )
+    if "samples" in data:
+        s = data["samples"]
+        every = s["every_n_epochs"] or data["checkpoints"]["every_n_epochs"]
+        when = f"every {every} epoch(s) and at the end" if every else "at the end"
+        lines.append(
+            ConfigLine(
+                CONFIG_FILE, "samples.prompts", f"{len(s['prompts'])} prompt(s), {when}", explain("sample_prompts")
+            )
+        )
     lines.append(
         ConfigLine(
             CONFIG_FILE,

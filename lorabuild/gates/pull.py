@@ -58,6 +58,9 @@ def run(ctx: GateContext) -> None:
             ctx.console.say(f"  {len(fetched.files)} checkpoint file(s) fetched from {machine.where()}")
         for removed in backends.prune_checkpoints(ctx.plan, ctx.run.checkpoints):
             ctx.console.say(f"  Older checkpoint removed here: {removed.name}")
+        pictures = machine.host.fetch_dir(f"{machine.layout.run_dir}/samples", ctx.run.samples, patterns=["*.png"])
+        if pictures.files:
+            ctx.console.say(f"  {len(pictures.files)} sample picture(s) fetched from {machine.where()}")
         machine.host.get_file(final, ctx.run.lora)  # last: its presence means everything arrived
     except RemoteError as exc:
         raise GateFailed(

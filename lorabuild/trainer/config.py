@@ -76,6 +76,18 @@ class OutputConfig:
     dir: Path
     lora: Path
     checkpoints: Path
+    samples: Path
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    """Sample pictures: none without prompts; every N epochs (None: at the checkpoints' cadence)
+    and at the end."""
+
+    prompts: tuple[str, ...] = ()
+    every_n_epochs: int | None = None
+    steps: int = 20
+    seed: int = 42
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class TrainerConfig:
     resume_key: str | None
     device: str
     threads: int | None
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     metadata: dict[str, str] = field(default_factory=dict)
     source: Path | None = None
 
@@ -305,10 +318,23 @@ def parse_config(data: Any, base_dir: Path | None = None) -> TrainerConfig:
     out_dir = _absolute(o.get("dir", str), base)
     lora = _absolute(o.get("lora", str, str(out_dir / f"{name}.safetensors")), base)
     ckpt = o.get("checkpoints", str, None, nullable=True)
+    sample_dir = o.get("samples", str, None, nullable=True)
     output = OutputConfig(
         dir=out_dir,
         lora=lora,
         checkpoints=_absolute(ckpt, base) if ckpt else out_dir / "checkpoints",
+        samples=_absolute(sample_dir, base) if sample_dir else out_dir / "samples",
+    )
+
+    s = top.section("samples", required=False)
+    prompts = s.get("prompts", list, [])
+    if not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise _bad("samples.prompts", "must be a list of non-empty texts", 'e.g. ["a red circle"]')
+    samples = SamplesConfig(
+        prompts=tuple(prompts),
+        every_n_epochs=s.positive_int("every_n_epochs", None, nullable=True),
+        steps=s.positive_int("steps", 20),
+        seed=s.positive_int("seed", 42, minimum=0),
     )
 
     metadata_raw = top.get("metadata", dict, {}, nullable=True) or {}
@@ -321,6 +347,7 @@ def parse_config(data: Any, base_dir: Path | None = None) -> TrainerConfig:
         training=training,
         checkpoints=checkpoints,
         output=output,
+        samples=samples,
         resume_key=top.get("resume_key", str, None, nullable=True),
         device=top.choice("device", DEVICES, "auto"),
         threads=threads,

@@ -44,6 +44,8 @@ EVENT_NAMES: Final = (
     "epoch",
     "checkpoint",
     "checkpoint_removed",
+    "sample",
+    "samples_done",
     "saved",
     "warning",
     "done",

@@ -166,6 +166,8 @@ class Run:
         self.training_started_at = time.time()
         self.last_checkpoint: Path | None = None
         self.pos = _Position()
+        self.sampler: Any = None  # lorabuild.trainer.sampling.Sampler, when there are prompts to render
+        self.unet: Any = None
 
     # ----------------------------------------------------------------- setup
 
@@ -238,8 +240,17 @@ class Run:
 
         data = encode_dataset(files, model, t.resolution, t.flip_aug, device)
         self._dataset_warnings(files, data.truncated)
-        # Only the UNet is needed from here on; free the rest before the memory-hungry part.
-        model.vae = model.text_encoder = None
+        s = cfg.samples
+        if s.prompts and self.opts.checkpoints:  # a dry run renders nothing
+            from lorabuild.trainer.sampling import Sampler
+
+            self.sampler = Sampler.prepare(model, s.prompts, s.steps, s.seed, t.resolution, cfg.output.samples)
+            self.unet = model.unet
+        # Only the UNet (and the VAE, to decode samples) is needed from here on; free the rest
+        # before the memory-hungry part.
+        model.text_encoder = None
+        if self.sampler is None:
+            model.vae = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -483,6 +494,10 @@ class Run:
             step=self.pos.step,
             mean_loss=sum(losses) / len(losses) if losses else float("nan"),
         )
+        if self.sampler is not None:
+            cadence = self.cfg.samples.every_n_epochs or self.cfg.checkpoints.every_n_epochs
+            if (cadence and epoch % cadence == 0) or epoch == plan.epochs:
+                self._render_samples(epoch)
         every = self.cfg.checkpoints.every_n_epochs
         if self.opts.checkpoints and every and epoch % every == 0 and epoch < plan.epochs:
             self._save_checkpoint(
@@ -495,6 +510,14 @@ class Run:
                 plan,
                 epoch_done=True,
             )
+
+    def _render_samples(self, epoch: int) -> None:
+        began = time.monotonic()
+        seed = self.cfg.samples.seed
+        paths = self.sampler.render(self.unet, epoch, lambda index: derive_seed(seed, "sample", index))
+        for index, path in enumerate(paths):
+            self.out.emit("sample", epoch=epoch, index=index + 1, prompt=self.sampler.prompts[index], path=str(path))
+        self.out.emit("samples_done", epoch=epoch, count=len(paths), seconds=round(time.monotonic() - began, 3))
 
     def _interrupt(self, network: LoRANetwork, optimizer: Any, scheduler: Any, scaler: Any, plan: StepPlan) -> int:
         from lorabuild.trainer.events import EXIT_SIGNAL
