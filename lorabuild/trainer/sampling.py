@@ -10,6 +10,7 @@ Classifier-free guidance with DDIM, as the usual SD pipelines sample.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,16 @@ class Sampler:
         dtype = next(unet.parameters()).dtype
         size = self.resolution // 8
         channels = int(unet.config.in_channels)
+        # A half-precision UNet with the float32 LoRA hooked in needs autocast, as in training.
+        autocast: Any = nullcontext()
+        if dtype != torch.float32:
+            autocast = torch.autocast(device_type=device.type, dtype=dtype)
         was_training = unet.training
         unet.eval()
         self.folder.mkdir(parents=True, exist_ok=True)
         written = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 for index in range(len(self.prompts)):
                     gen = torch.Generator().manual_seed(seed_for(index))
                     latents = torch.randn((1, channels, size, size), generator=gen).to(device, dtype)
@@ -85,7 +90,8 @@ class Sampler:
                         guided = uncond_pred + GUIDANCE_SCALE * (cond_pred - uncond_pred)
                         latents = scheduler.step(guided, t, latents).prev_sample
                     vae_dtype = next(self.vae.parameters()).dtype
-                    image = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
+                    with torch.autocast(device_type=device.type, enabled=False):  # the VAE stays float32
+                        image = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
                     pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu()
                     path = self.folder / sample_name(epoch, index)
                     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
