@@ -894,3 +894,18 @@ def test_module_imports_without_heavy_packages() -> None:
 def test_the_dispatcher_finds_the_module(family_plans: dict[str, Plan]) -> None:
     assert "ai-toolkit" in backends.IMPLEMENTED and backends.families("ai-toolkit") == aitk.FAMILIES
     assert "ai-toolkit" in backends.supporting("flux")
+
+
+def test_sample_pictures_are_collected_into_the_run_folder(standin: tuple[Project, Path]) -> None:
+    project, _checkout = standin
+    project.write_spec(**{**STANDIN_SPEC, "samples": {"prompts": ["a red square", "a blue circle"]}})
+    ctx = context(project)
+    config_gate.run(ctx)
+    train_gate.run(ctx)
+    every = yaml.safe_load((project.run_dir() / "backend" / "job.yaml").read_text())["config"]["process"][0]["sample"][
+        "sample_every"
+    ]
+    steps = ctx.plan.steps.total_steps
+    # ai-toolkit's own names (<ms>__<step:09d>_<idx>.jpg) become step-NNNNNNNNN-K.jpg; the last at the end
+    expected = sorted({f"step-{s:09d}-{k}.jpg" for s in [*range(every, steps, every), steps] for k in (1, 2)})
+    assert sorted(p.name for p in ctx.run.samples.iterdir()) == expected

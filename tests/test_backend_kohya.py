@@ -992,3 +992,18 @@ def test_rendered_files_read_the_same_with_sd_scripts_toml_parser(base_plan: Pla
         for name, text in kohya.render_config(plan).items():
             if name.endswith(".toml"):
                 assert toml.loads(text) == tomllib.loads(text), name
+
+
+def test_sample_pictures_are_collected_into_the_run_folder(standin: tuple[Project, Path, Path]) -> None:
+    project, checkout, python = standin
+    samples = {"prompts": ["k, portrait", "k, full body"], "every_n_epochs": 2}
+    spec = standin_spec(project, checkout, python, samples=samples)
+    (checkout / "scenario").write_text("normal")
+    ctx = build_context(spec, root=project.grimoire, options=RunOptions(yes=True), console=Console())
+    config_gate.run(ctx)
+    train_gate.run(ctx)
+    epochs = ctx.plan.training.epochs
+    # kohya's own names ({name}_e{epoch:06d}_{idx:02d}_{time}.png) become epoch-NNNN-K.png
+    expected = sorted(f"epoch-{e:04d}-{k}.png" for e in range(2, epochs + 1, 2) for k in (1, 2))
+    assert expected and sorted(p.name for p in ctx.run.samples.iterdir()) == expected
+    assert sorted(p.name for p in (ctx.run.checkpoints / "sample").iterdir())[0].startswith("k_e000002_00_")

@@ -290,6 +290,34 @@ def prune_checkpoints(plan: Plan, output_dir: Path) -> list[Path]:
     return removed
 
 
+def sample_pictures(plan: Plan, output_dir: Path) -> list[tuple[Path, str]]:
+    """The sample pictures the backend rendered under `output_dir`, each with its name in the run
+    folder's samples/ (`epoch-NNNN-K` or `step-NNNNNNNNN-K`, K the prompt's place from 1, the
+    backend's own file type). Empty for a backend that writes into samples/ itself (builtin)."""
+    module = _module(plan.backend.name)
+    if not hasattr(module, "sample_pictures"):
+        return []
+    found: list[tuple[Path, str]] = module.sample_pictures(plan, output_dir)
+    return found
+
+
+def collect_samples(plan: Plan, output_dir: Path, samples: Path) -> int:
+    """Copy the backend's new sample pictures into the run folder's samples/; how many."""
+    import shutil
+
+    copied = 0
+    for source, name in sample_pictures(plan, output_dir):
+        target = samples / name
+        if target.exists() and target.stat().st_size == source.stat().st_size:
+            continue
+        samples.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{name}.tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+        copied += 1
+    return copied
+
+
 def install_commands(plan: Plan) -> list[list[str]]:
     """argv lists that install the backend in its environment on a machine where it is missing
     (run there by lorabuild before a remote dry run). Empty when lorabuild cannot install it."""

@@ -825,6 +825,22 @@ def final_lora(plan: Plan, output_dir: Path) -> Path:
     return save_root(plan, output_dir) / f"{plan.name}.safetensors"
 
 
+# BaseSDTrainProcess.sample: <save_root>/samples/<epoch ms>__<step:09d>_<idx>.<jpg|png|webp>
+_SAMPLE = re.compile(r"^\d+__(\d+)_(\d+)\.(jpg|jpeg|png|webp)$")
+
+
+def sample_pictures(plan: Plan, output_dir: Path) -> list[tuple[Path, str]]:
+    folder = save_root(plan, output_dir) / "samples"
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        m = _SAMPLE.match(entry.name)
+        if m and entry.is_file():
+            found.append((entry, f"step-{int(m.group(1)):09d}-{int(m.group(2)) + 1}.{m.group(3)}"))
+    return found
+
+
 def _saves(plan: Plan, output_dir: Path) -> list[tuple[Path, int]]:
     """Numbered saves `<name>_<step:09d>.safetensors`, whatever their state."""
     folder = save_root(plan, output_dir)

@@ -1075,6 +1075,23 @@ def complete_state(folder: Path) -> bool:
     return (folder / "train_state.json").is_file() and any(folder.glob("random_states_*.pkl"))
 
 
+# train_util.sample_images: {output_name}_{e%06d (epoch) | %06d (step)}_{idx:02d}_{YYYYmmddHHMMSS}[_{seed}].png
+_SAMPLE = re.compile(r"_(e?)(\d{6})_(\d{2})_\d{14}(?:_\d+)?\.png")
+
+
+def sample_pictures(plan: Plan, output_dir: Path) -> list[tuple[Path, str]]:
+    folder = output_dir / "sample"
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):  # a later picture of the same epoch and prompt wins
+        m = _SAMPLE.search(entry.name)
+        if m and entry.name.startswith(plan.name) and entry.is_file():
+            when = f"epoch-{int(m.group(2)):04d}" if m.group(1) else f"step-{int(m.group(2)):09d}"
+            found.append((entry, f"{when}-{int(m.group(3)) + 1}.png"))
+    return found
+
+
 def checkpoints(plan: Plan, output_dir: Path) -> list[Checkpoint]:
     """Epoch checkpoints whose LoRA file is complete, oldest first. A checkpoint's path is its LoRA
     file (what kohya names in its save and remove lines); the resume state beside it is found by

@@ -59,8 +59,10 @@ def run(ctx: GateContext) -> None:
         for removed in backends.prune_checkpoints(ctx.plan, ctx.run.checkpoints):
             ctx.console.say(f"  Older checkpoint removed here: {removed.name}")
         pictures = machine.host.fetch_dir(f"{machine.layout.run_dir}/samples", ctx.run.samples, patterns=["*.png"])
-        if pictures.files:
-            ctx.console.say(f"  {len(pictures.files)} sample picture(s) fetched from {machine.where()}")
+        # other backends render theirs among the outputs fetched above
+        count = len(pictures.files) + backends.collect_samples(ctx.plan, ctx.run.checkpoints, ctx.run.samples)
+        if count:
+            ctx.console.say(f"  {count} sample picture(s) fetched from {machine.where()}")
         machine.host.get_file(final, ctx.run.lora)  # last: its presence means everything arrived
     except RemoteError as exc:
         raise GateFailed(

@@ -263,6 +263,8 @@ def _train(ctx: GateContext, machine: LocalMachine | RemoteMachine) -> None:
         os.replace(final, ctx.run.lora)
         for removed in backends.prune_checkpoints(plan, Path(output_dir)):
             tracker.handle(Event("checkpoint_removed", {"path": str(removed)}))
+        if backends.collect_samples(plan, Path(output_dir), ctx.run.samples):
+            ctx.console.say(f"  Sample pictures: {ctx.run.samples}")
         monitor.close("COMPLETE", f"the LoRA is at {ctx.run.lora}")
         ctx.console.say(f"  Your LoRA is ready: {ctx.run.lora}")
     if tracker.anomalies:

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import yaml
@@ -115,6 +116,7 @@ class Trainer:
         self.save_root = os.path.join(process.get("training_folder"), job_name)
         self.network = process.get("network") or {}
         self.save = process.get("save") or {}
+        self.sample_config = process.get("sample") or {}
         self.train = process.get("train") or {}
         self.model = process.get("model") or {}
         self.datasets = process.get("datasets") or []
@@ -196,6 +198,9 @@ class Trainer:
             # set_postfix_str redraws the bar where it is, then update(step - n) moves it to `step`
             postfix = f", lr: {lr:.1e} loss: {loss:.3e}"
             err(bar(self.name, max(start, step - 1), steps, postfix) + bar(self.name, step, steps, postfix))
+            sample_every = int(self.sample_config.get("sample_every") or 0)
+            if step != start and sample_every and step % sample_every == 0 and not self.train.get("disable_sampling"):
+                self.sample(step)
             if step != start and save_every and step % save_every == 0:
                 print(f"\nSaving at step {step}")
                 self.save_lora(step, step // per_epoch)
@@ -203,6 +208,7 @@ class Trainer:
                     raise RuntimeError("stand-in: crashed after saving a checkpoint")
         err("\n")
         if not self.train.get("disable_sampling"):
+            self.sample(steps)
             for i in range(1, 3):
                 err(f"\rGenerating Images: {50 * i:3d}%|{'#' * 5 * i:<10}| {i}/2 [00:0{i}<00:00,  1.02it/s]")
             err("\n")
@@ -210,6 +216,15 @@ class Trainer:
         if what == "silent":
             return  # the odd exit: claims success, writes no LoRA
         self.save_lora(None, steps // per_epoch)
+
+    def sample(self, step: int) -> None:
+        # BaseSDTrainProcess.sample: <save_root>/samples/<epoch ms>__<step:09d>_<idx>.jpg
+        folder = os.path.join(self.save_root, "samples")
+        os.makedirs(folder, exist_ok=True)
+        stamp = int(time.time() * 1000)
+        for idx in range(len(self.sample_config.get("prompts") or [])):
+            with open(os.path.join(folder, f"{stamp}__{step:09d}_{idx}.jpg"), "wb") as handle:
+                handle.write(b"\xff\xd8\xff\xe0stand-in sample\xff\xd9")
 
     def resume(self) -> int:
         # get_latest_save_path: the newest `<name>*` in save_root by creation time, whatever it is

@@ -25,6 +25,7 @@ import os
 import signal
 import struct
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -99,6 +100,13 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], int]], met
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+
+
+# a 1×1 PNG: what a sample picture is does not matter here, where it lands does
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de"
+    "0000000c4944415408d763f8cfc000000301010018dd8db00000000049454e44ae426082"
+)
 
 
 def save_lora(path: Path, args: dict[str, object], epoch: int, step: int) -> None:
@@ -338,6 +346,15 @@ def main() -> None:
                 out("")
                 out(f"saving state at epoch {epoch + 1}")
                 save_state(output / f"{name}-{epoch + 1:06d}-state", epoch + 1, step)
+        sample_every = config.get("sample_every_n_epochs")
+        if config.get("sample_prompts") and sample_every and (epoch + 1) % int(sample_every) == 0:
+            # train_util.sample_images: {output_dir}/sample/{output_name}_e{epoch:06d}_{idx:02d}_{time}.png
+            prompts = [line for line in Path(str(config["sample_prompts"])).read_text().splitlines() if line.strip()]
+            folder = output / "sample"
+            folder.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d%H%M%S")
+            for idx in range(len(prompts)):
+                (folder / f"{name}_e{epoch + 1:06d}_{idx:02d}_{stamp}.png").write_bytes(PNG)
                 if keep_state:
                     gone = output / f"{name}-{epoch + 1 - int(every) * int(keep_state):06d}-state"
                     if gone.exists():
