@@ -8,8 +8,11 @@ Light start-up: nothing here imports torch, diffusers or fabric.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -487,7 +490,21 @@ def cloud_down(instance: str | None, everything: bool, root: Path | None) -> Non
     sys.exit(0 if report.ok else 1)
 
 
+def _deliver_lost_interrupts(unraisable: Any) -> None:
+    """A Ctrl-C that lands while Python runs a finaliser (a weakref callback, a __del__) cannot
+    stop anything there: Python would print it as "Exception ignored" with a traceback and drop
+    it. Send it again a moment later instead (from here it would only be dropped again), so it
+    stops the run where the run handles it."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        import threading
+
+        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main() -> None:
+    sys.unraisablehook = _deliver_lost_interrupts
     cli(prog_name="lorabuild")
 
 

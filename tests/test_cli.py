@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 
 from lorabuild.cli import cli
 from lorabuild.spec import SCHEMA_PATH
-from tests.conftest import Project, lorabuild_env
+from tests.conftest import REPO, Project, lorabuild_env
 
 
 def test_schema_prints_the_checked_in_schema() -> None:
@@ -133,3 +134,28 @@ def test_env_shares_gate_3_and_reports_plainly(tmp_path: Path) -> None:
     )
     assert broken.exit_code == 1 and "Python was not found" in broken.output and "Fix:" in broken.output
     assert not (tmp_path / "grimoire").exists()  # it only reads
+
+
+def test_a_ctrl_c_inside_a_finaliser_is_delivered_not_printed() -> None:
+    """Python drops a KeyboardInterrupt raised in a weakref callback with an "Exception ignored"
+    traceback; lorabuild's hook sends it again, where the run can stop cleanly."""
+    script = textwrap.dedent("""
+        import sys, weakref
+        from lorabuild.cli import _deliver_lost_interrupts
+        sys.unraisablehook = _deliver_lost_interrupts
+        class Thing:
+            pass
+        def finaliser(_):
+            raise KeyboardInterrupt
+        thing = Thing()
+        ref = weakref.ref(thing, finaliser)
+        try:
+            del thing
+            import time
+            time.sleep(5)  # the interrupt arrives within this
+            print("lost")
+        except KeyboardInterrupt:
+            print("delivered")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.stdout.strip() == "delivered" and "Traceback" not in done.stderr, done.stderr

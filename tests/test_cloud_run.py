@@ -322,6 +322,12 @@ def test_stopping_lorabuild_at_any_cloud_step_leaves_nothing_running(cloud: Clou
         elif step not in ("create", "provisioning"):
             # Ctrl-C is a normal stop: lorabuild itself deleted the instance on the way out
             assert cloud.fake.live() == [], out
+    if step == "create":
+        # the provider finishes the create after lorabuild stopped; the next command comes after
+        # that (lorabuild gives such a create LORABUILD_CREATE_SETTLE_S to appear; FAST sets 0 s)
+        deadline = time.monotonic() + 10
+        while not cloud.fake.instances[cloud.provider] and time.monotonic() < deadline:
+            time.sleep(0.05)
     # the next command reconciles; `cloud down --all` deletes whatever is still up
     down = cloud.run("cloud", "down", "--all", "--root", "grimoire")
     assert down.returncode == 0, down.stdout + down.stderr
