@@ -346,15 +346,6 @@ def main() -> None:
                 out("")
                 out(f"saving state at epoch {epoch + 1}")
                 save_state(output / f"{name}-{epoch + 1:06d}-state", epoch + 1, step)
-        sample_every = config.get("sample_every_n_epochs")
-        if config.get("sample_prompts") and sample_every and (epoch + 1) % int(sample_every) == 0:
-            # train_util.sample_images: {output_dir}/sample/{output_name}_e{epoch:06d}_{idx:02d}_{time}.png
-            prompts = [line for line in Path(str(config["sample_prompts"])).read_text().splitlines() if line.strip()]
-            folder = output / "sample"
-            folder.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%d%H%M%S")
-            for idx in range(len(prompts)):
-                (folder / f"{name}_e{epoch + 1:06d}_{idx:02d}_{stamp}.png").write_bytes(PNG)
                 if keep_state:
                     gone = output / f"{name}-{epoch + 1 - int(every) * int(keep_state):06d}-state"
                     if gone.exists():
@@ -364,6 +355,15 @@ def main() -> None:
                         gone.rmdir()
             if what == f"die_after:{epoch + 1}":
                 os.kill(os.getpid(), signal.SIGKILL)
+        sample_every = config.get("sample_every_n_epochs")
+        if config.get("sample_prompts") and sample_every and (epoch + 1) % int(sample_every) == 0:
+            # train_util.sample_images: {output_dir}/sample/{output_name}_e{epoch:06d}_{idx:02d}_{time}.png
+            prompts = [line for line in Path(str(config["sample_prompts"])).read_text().splitlines() if line.strip()]
+            folder = output / "sample"
+            folder.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d%H%M%S")
+            for idx in range(len(prompts)):
+                (folder / f"{name}_e{epoch + 1:06d}_{idx:02d}_{stamp}.png").write_bytes(PNG)
         if step >= total:
             break
     err("\n")
