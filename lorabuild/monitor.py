@@ -21,7 +21,7 @@ from typing import Any
 from lorabuild.anomaly import Anomaly, AnomalyDetector
 from lorabuild.backends import Event
 from lorabuild.lossplot import write_loss_png
-from lorabuild.procs import LineSplitter
+from lorabuild.procs import LineSplitter, pid_alive
 from lorabuild.progress import ProgressTracker
 
 TICK_S = 0.1  # how often pending progress is flushed and missed file events are caught
@@ -360,7 +360,7 @@ def monitor_log(
     last_size, last_change = -1, time.monotonic()
     try:
         while not monitor.ended.wait(0.2):
-            if pid is not None and not _alive(pid):
+            if pid is not None and not pid_alive(pid):
                 break
             size = log.stat().st_size if log.exists() else 0
             if size != last_size:
@@ -380,13 +380,3 @@ def monitor_log(
         status, reason = "FAILED", "the log stopped before the run finished"
     monitor.close(status, reason)
     return status
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -212,6 +212,19 @@ def stop_group(pgid: int, proc: subprocess.Popen[bytes] | None = None, grace: fl
         proc.wait()
 
 
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this id exists (one of another user's counts; a bad id does not)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

@@ -318,6 +318,16 @@ def _save_host_keys(keys: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_tar(status: int, err: str, doing: str) -> None:
+    """Raise for a tar stream that did not end well: cut off (retried) or failed (said plainly)."""
+    if status == -1:
+        raise _Dropped("the connection closed before tar reported how it ended")
+    if status != 0:
+        raise RemoteError(
+            f"{doing} failed (tar exit code {status}):\n{_tail(err)}", exit_code=status, stderr_tail=_tail(err)
+        )
+
+
 class RemoteHost:
     """One remote machine. Use as a context manager; the connection opens on first use.
 
@@ -1024,15 +1034,7 @@ class RemoteHost:
             finally:
                 with contextlib.suppress(Exception):
                     chan.close()
-            if status == -1:
-                raise _Dropped("the connection closed before tar reported how it ended")
-            if status != 0:
-                raise RemoteError(
-                    f"unpacking the files in {remote_dir} on {self.target.host} failed (tar exit code {status}):\n"
-                    f"{_tail(err)}",
-                    exit_code=status,
-                    stderr_tail=_tail(err),
-                )
+            _check_tar(status, err, f"unpacking the files in {remote_dir} on {self.target.host}")
             return tuple(sent)
 
         return self._retrying(f"sending {local_dir.name}", op)
@@ -1078,15 +1080,7 @@ class RemoteHost:
             finally:
                 with contextlib.suppress(Exception):
                     chan.close()
-            if status == -1:
-                raise _Dropped("the connection closed before tar reported how it ended")
-            if status != 0:
-                raise RemoteError(
-                    f"packing the files of {remote_dir} on {self.target.host} failed (tar exit code {status}):\n"
-                    f"{_tail(err)}",
-                    exit_code=status,
-                    stderr_tail=_tail(err),
-                )
+            _check_tar(status, err, f"packing the files of {remote_dir} on {self.target.host}")
             return tuple(got)
 
         return self._retrying(f"fetching {PurePosixPath(remote_dir).name}", op)

@@ -40,6 +40,7 @@ from typing import Any
 from lorabuild import cloud
 from lorabuild.cloud import LABEL_PREFIX, PROVIDERS, InstanceState, LaunchRequest, Offer, ProviderError
 from lorabuild.cloud.credentials import PROVIDER_NAMES, api_key, has_api_key, redact
+from lorabuild.procs import pid_alive
 from lorabuild.studio import load_studio, studio_lock, update_studio
 
 log = logging.getLogger(__name__)
@@ -416,18 +417,6 @@ def _gone(state: InstanceState | None) -> bool:
     return state is None or state.status == "terminated"
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _create_settled(e: Entry, now: float | None = None) -> bool:
     """Whether a CREATING entry's create call can no longer produce an instance: its process is
     gone (or is this one, which is not creating now) and the provider had time to show it."""
@@ -436,7 +425,7 @@ def _create_settled(e: Entry, now: float | None = None) -> bool:
         return True
     if e.host != socket.gethostname():
         return False  # another machine's process: only the grace period can tell
-    creator_gone = e.pid == os.getpid() or not _pid_alive(e.pid)
+    creator_gone = e.pid == os.getpid() or not pid_alive(e.pid)
     return creator_gone and age >= settle_s()
 
 

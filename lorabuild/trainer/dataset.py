@@ -186,20 +186,29 @@ def encode_dataset(
             for p, caption in zip(files.images, files.captions, strict=True)
             if len(tokenizer(caption, truncation=False)["input_ids"]) > max_length
         )
-        text: list[torch.Tensor] = []
-        captions = list(files.captions)
-        for start in range(0, len(captions), 8):
-            ids = tokenizer(
-                captions[start : start + 8],
-                padding="max_length",
-                max_length=max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            text.append(model.text_encoder(ids)[0].float().cpu())
     return EncodedDataset(
         latents=torch.cat(latents),
         flipped_latents=torch.cat(flipped) if flip else None,
-        text=torch.cat(text),
+        text=encode_texts(model, list(files.captions), device),
         truncated=truncated,
     )
+
+
+def encode_texts(model: Any, texts: list[str], device: Any) -> Any:
+    """The frozen text encoder's features of `texts` (padded, truncated to its length), float32
+    on the CPU: the captions to train on, and the prompts of sample pictures."""
+    import torch
+
+    tokenizer = model.tokenizer
+    features: list[torch.Tensor] = []
+    with torch.no_grad():
+        for start in range(0, len(texts), 8):
+            ids = tokenizer(
+                texts[start : start + 8],
+                padding="max_length",
+                max_length=int(tokenizer.model_max_length),
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            features.append(model.text_encoder(ids)[0].float().cpu())
+    return torch.cat(features)

@@ -41,17 +41,9 @@ class Sampler:
     def prepare(
         cls, model: Any, prompts: tuple[str, ...], steps: int, seed: int, resolution: int, folder: Path
     ) -> Sampler:
-        import torch
+        from lorabuild.trainer.dataset import encode_texts
 
-        tokens = model.tokenizer(
-            ["", *prompts],
-            padding="max_length",
-            max_length=model.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(model.text_encoder.device)
-        with torch.no_grad():
-            features = model.text_encoder(tokens)[0]
+        features = encode_texts(model, ["", *prompts], model.text_encoder.device)
         config = model.noise_scheduler.config
         return cls(prompts, features[1:], features[:1], model.vae, config, steps, seed, resolution, folder)
 
