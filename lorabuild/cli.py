@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from lorabuild import __version__
-from lorabuild.runfolder import REMOTE_GATES
+from lorabuild.runfolder import REMOTE_GATES, grimoire_of
 from lorabuild.yamlsource import SpecError
 
 EXIT_SPEC = 2
@@ -81,11 +81,24 @@ def _warn_running_instances(obj: dict[str, object] | None) -> None:
 @root_option
 def run(spec: Path, until: str | None, yes: bool, root: Path | None) -> None:
     """Run every gate of SPEC that is not up to date, then train."""
+    from lorabuild.uptodate import shortcut
+
+    answer = shortcut(spec, root, until)
+    if answer is not None:  # nothing changed since a run found every gate up to date
+        from lorabuild.ui import Console
+
+        console = Console()
+        for title in answer.titles:
+            console.up_to_date(title)
+        console.nothing_to_do()
+        _use_grimoire(answer.grimoire)
+        sys.exit(0)
+
     from lorabuild.gates import RunOptions
     from lorabuild.pipeline import run_spec
 
     options = RunOptions(yes=yes, interactive=sys.stdin.isatty() and sys.stdout.isatty())
-    _use_grimoire(root or _grimoire_of(spec))
+    _use_grimoire(grimoire_of(spec, root))
     try:
         code = run_spec(str(spec), root=root, until=until, options=options)
     except SpecError as exc:
@@ -437,17 +450,6 @@ def monitor(
         view.close()
     click.echo(f"Run {status.lower()}: see {folder / 'progress.md'}")
     sys.exit(0 if status == "COMPLETE" else 1)
-
-
-def _grimoire_of(spec: Path) -> Path | None:
-    """The grimoire a spec names, without loading more than its YAML (None when unreadable)."""
-    try:
-        from lorabuild.plan import default_grimoire
-        from lorabuild.spec import load_spec
-
-        return default_grimoire(load_spec(spec), None)
-    except Exception:
-        return None
 
 
 @cli.group("cloud")

@@ -27,7 +27,8 @@ from lorabuild.dataset import list_dataset
 from lorabuild.explain import meaning
 from lorabuild.glossary import TERMS
 from lorabuild.hardware import find_gpu
-from lorabuild.spec import BACKENDS, FAMILIES, NAME_PATTERN, SCHEMA_ID
+from lorabuild.runfolder import NAME_PATTERN
+from lorabuild.spec import BACKENDS, FAMILIES, SCHEMA_ID
 from lorabuild.validate import FAMILY_WORDS, Validator
 from lorabuild.yamlsource import Problem
 

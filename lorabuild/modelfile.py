@@ -24,6 +24,7 @@ class ModelListing:
     kind: str  # "diffusers", "file" or "missing"
     files: tuple[Path, ...]
     bytes: int
+    folders: tuple[Path, ...] = ()  # every folder listed to find `files` (a diffusers folder's)
 
 
 def list_model(path: Path) -> ModelListing:
@@ -32,8 +33,10 @@ def list_model(path: Path) -> ModelListing:
         return ModelListing(path, "file", (path,), path.stat().st_size)
     if path.is_dir():
         files: list[Path] = []
+        folders: list[Path] = []
         total = 0
         for root, dirs, names in os.walk(path):
+            folders.append(Path(root))
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names):
                 if name.startswith("."):
@@ -42,7 +45,7 @@ def list_model(path: Path) -> ModelListing:
                 files.append(file)
                 total += file.stat().st_size
         kind = "diffusers" if (path / "model_index.json").is_file() else "folder"
-        return ModelListing(path, kind, tuple(files), total)
+        return ModelListing(path, kind, tuple(files), total, tuple(folders))
     return ModelListing(path, "missing", (), 0)
 
 

@@ -30,7 +30,7 @@ from doit.dependency import Dependency, MD5Checker, SqliteDB
 from doit.exceptions import BaseFail, TaskFailed
 from doit.task import Task, dict_to_task
 
-from lorabuild import gates, runlock
+from lorabuild import gates, runlock, uptodate
 from lorabuild.dataset import list_dataset
 from lorabuild.fsutil import atomic_write_json, digest, remove_path
 from lorabuild.gates import GateContext, GateFailed, RunOptions
@@ -64,10 +64,11 @@ class WriteThroughSqliteDB(SqliteDB):
         super().set(task_id, dependency, value)
         # 'deps:' is the last key Dependency.save_success writes for a task
         if dependency in ("deps:", "ignore:"):
-            self._conn.execute(
-                "insert or replace into doit values (?,?)", (task_id, self.codec.encode(self._cache[task_id]))
-            )
-            self._conn.commit()
+            encoded = self.codec.encode(self._cache[task_id])
+            # an unchanged row is not written again: an up-to-date run leaves the file as it was
+            if self.codec.decode(encoded) != self._get_task_data(task_id):
+                self._conn.execute("insert or replace into doit values (?,?)", (task_id, encoded))
+                self._conn.commit()
             self._dirty.discard(task_id)
 
     def remove(self, task_id: str) -> None:
@@ -309,7 +310,7 @@ class GateReporter:
 
     def skip_uptodate(self, task: Task) -> None:
         if task.name in self.titles:
-            self.console.skip(f"{self.titles[task.name]} — up to date")
+            self.console.up_to_date(self.titles[task.name])
 
     def skip_ignore(self, task: Task) -> None:
         pass
@@ -418,6 +419,8 @@ def run_spec(
         )
         return EXIT_FAILED
     try:
+        taken = uptodate.snapshot(ctx)
+        uptodate.forget(ctx)
         result = run_pipeline(ctx, until=until)
     except (KeyboardInterrupt, Interrupted):
         console.fail("stopped. Run the same command again to continue where it stopped.")
@@ -428,7 +431,12 @@ def run_spec(
         finally:
             runlock.release(ctx.run.lock)
     if result.code == EXIT_OK and not result.executed:
-        console.ok("everything is up to date — nothing to do")
+        from lorabuild.machine import CLOUD_TARGETS
+
+        if until is None and ctx.plan.compute.target not in CLOUD_TARGETS:
+            # not for a cloud GPU: its up-to-date run still makes sure nothing is left rented
+            uptodate.remember(ctx, taken)
+        console.nothing_to_do()
     return result.code
 
 

@@ -22,6 +22,7 @@ from lorabuild.estimate import MemoryInputs, describe_duration, estimate_time, e
 from lorabuild.fsutil import digest
 from lorabuild.modelfile import ModelListing
 from lorabuild.prices import estimate_cost
+from lorabuild.runfolder import grimoire_path
 from lorabuild.spec import LoadedSpec
 from lorabuild.studio import Machine
 
@@ -246,11 +247,7 @@ def steps_for(
 
 
 def default_grimoire(loaded: LoadedSpec, root: Path | None) -> Path:
-    if root is not None:
-        return root.resolve()
-    if loaded.spec.grimoire:
-        return loaded.resolve(loaded.spec.grimoire)
-    return (Path.cwd() / "grimoire").resolve()
+    return grimoire_path(loaded.folder, loaded.spec.grimoire, root)
 
 
 def backend_python(loaded: LoadedSpec) -> str:
@@ -260,12 +257,20 @@ def backend_python(loaded: LoadedSpec) -> str:
         return str(loaded.absolute(ref.python))
     if ref.name == "builtin":
         return sys.executable
-    if ref.path:
-        base = loaded.resolve(ref.path)
-        for candidate in (base / "venv" / "bin" / "python", base / ".venv" / "bin" / "python"):
-            if candidate.exists():
-                return str(candidate)
+    for candidate in venv_pythons(loaded):
+        if candidate.exists():
+            return str(candidate)
     return "python3"
+
+
+def venv_pythons(loaded: LoadedSpec) -> list[Path]:
+    """Where `backend_python` looks for the backend checkout's own venv, in order (a venv made
+    there later changes the plan, so the up-to-date shortcut watches these too)."""
+    ref = loaded.spec.backend
+    if ref.python or ref.name == "builtin" or not ref.path:
+        return []
+    base = loaded.resolve(ref.path)
+    return [base / "venv" / "bin" / "python", base / ".venv" / "bin" / "python"]
 
 
 def make_plan(

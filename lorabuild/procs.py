@@ -22,10 +22,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from lorabuild.backends import Launch
 from lorabuild.fsutil import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # backends imports the plan (pydantic): not needed to stop a process
+    from lorabuild.backends import Launch
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_SECONDS = 30.0

@@ -15,14 +15,45 @@ the grimoire, so nothing from a spec can point outside it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorabuild.spec import NAME_PATTERN
+# A run name is a slug, so it can name a folder and nothing else (the spec's `name` pattern).
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 GATES: tuple[str, ...] = ("config", "environment", "dryrun", "train")
 REMOTE_GATES: tuple[str, ...] = (*GATES, "pull")  # a remote training's results are fetched last
+
+
+def grimoire_path(spec_folder: Path, named: str | None, root: Path | None) -> Path:
+    """Where a spec's runs live: `--root`, else the spec's `grimoire:` (read from the spec's
+    folder, `~` expanded), else ./grimoire."""
+    if root is not None:
+        return root.resolve()
+    if named:
+        return (spec_folder / os.path.expanduser(named)).resolve()
+    return (Path.cwd() / "grimoire").resolve()
+
+
+def grimoire_of(spec: Path, root: Path | None) -> Path | None:
+    """`grimoire_path` for a spec file, read as plain YAML without validating it — cheap enough
+    for every command, and None when the file cannot be read as a mapping."""
+    if root is not None:
+        return grimoire_path(spec, None, root)
+    import yaml
+
+    try:
+        data = yaml.load(spec.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    named = data.get("grimoire")
+    if named is not None and not isinstance(named, str):
+        return None
+    return grimoire_path(spec.expanduser().resolve().parent, named, None)
 
 
 class UnsafeName(ValueError):

@@ -25,12 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from lorabuild.runfolder import NAME_PATTERN
 from lorabuild.yamlsource import Problem, SourceMap, SpecError, read_yaml
 
 SPEC_VERSION = 1
 SCHEMA_ID = "https://lorabuild.dev/schemas/training.schema.json"
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "training.schema.json"
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 Family = Literal["sd15", "sdxl", "pony", "flux"]
 BackendName = Literal["builtin", "kohya", "simpletuner", "ai-toolkit"]

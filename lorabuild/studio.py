@@ -243,8 +243,8 @@ def _keep_damaged(root: Path) -> None:
         shutil.copy2(path, path.with_name(f"studio.json.damaged-{int(time.time())}"))
 
 
-def record_machine(root: Path, machine: Machine) -> bool:
-    """Write this machine into studio.json/.md when its facts changed; True if written."""
+def machine_facts(machine: Machine) -> dict[str, Any]:
+    """The facts of a machine that planning reads, as plain JSON values (studio.json's entry)."""
     entry = {
         "hostname": machine.hostname,
         "system": machine.system,
@@ -257,10 +257,17 @@ def record_machine(root: Path, machine: Machine) -> bool:
         "cuda_driver": machine.gpus.cuda_driver,
         "gpu_problem": machine.gpus.problem,
     }
+    facts: dict[str, Any] = json.loads(json.dumps(entry))
+    return facts
+
+
+def record_machine(root: Path, machine: Machine) -> bool:
+    """Write this machine into studio.json/.md when its facts changed; True if written."""
+    entry = machine_facts(machine)
     with studio_lock(root):
         studio = load_studio(root)
         machines = studio.setdefault("machines", {})
-        if machines.get("local") == json.loads(json.dumps(entry)):
+        if machines.get("local") == entry:
             return False
         machines["local"] = entry
         save_studio(root, studio)

@@ -43,6 +43,14 @@ class Console:
         if not self.quiet:
             self._echo(f"· {text}", fg="bright_black")
 
+    def up_to_date(self, title: str) -> None:
+        """A gate that has nothing to do."""
+        self.skip(f"{title} — up to date")
+
+    def nothing_to_do(self) -> None:
+        """The end of a run in which every gate was up to date."""
+        self.ok("everything is up to date — nothing to do")
+
     def warn(self, text: str) -> None:
         self._echo(f"! {text}", err=True, fg="yellow")
 

@@ -157,6 +157,8 @@ def test_a_cloud_run_rents_trains_fetches_and_deletes(cloud: CloudProject) -> No
     again = cloud.run("run", cloud.spec.name, "--yes")
     assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
     assert len(cloud.fake.instances[cloud.provider]) == 1
+    # a cloud run's up-to-date answer always goes the full way (which makes sure nothing stays rented)
+    assert not list((cloud.project.grimoire / ".lorabuild" / "uptodate").glob("*"))
     # no API key is written anywhere: the planted account key and the instance's own key are in
     # no file lorabuild wrote (here or on the instance) and in none of its output
     listing = cloud.run("cloud", "ls", "--json", "--root", "grimoire")

@@ -76,6 +76,10 @@ def test_an_ssh_target_trains_there_and_brings_the_lora_home(
     ]
     again = project.lorabuild("run", spec.name, "--yes", check=True)
     assert "nothing to do" in again.stdout + again.stderr
+    # that run left a record, and the next answers from it, naming the fetch too, without connecting
+    assert list((project.grimoire / ".lorabuild" / "uptodate").glob("*.json"))
+    third = project.lorabuild("run", spec.name, "--yes", check=True)
+    assert third.stdout == again.stdout and "Fetching the results — up to date" in third.stdout
 
 
 def test_a_failed_fetch_fetches_again_without_training_again(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -109,6 +110,28 @@ def _torch_version_file(python: str) -> Path | None:
     for candidate in sorted(prefix.glob("lib/python3*/site-packages/torch/version.py")):
         return candidate
     return None
+
+
+def stamp_sources(ctx: GateContext) -> list[Path]:
+    """The files and folders `environment_stamp` reads (none for a remote machine): where the
+    backend's Python is looked up, its torch's version.py, and the folder that would hold it."""
+    if ctx.plan.compute.target != "local":
+        return []
+    import sys
+
+    python = ctx.plan.backend.python
+    version_file = _torch_version_file(python)
+    if Path(python) == Path(sys.executable):
+        return [version_file] if version_file else []  # torch's install shows in site-packages
+    sources: list[Path] = []
+    if os.sep not in python:  # looked up on PATH: a new one could appear in any of its folders
+        sources += [Path(d or ".") for d in os.environ.get("PATH", os.defpath).split(os.pathsep)]
+    exe = shutil.which(python)
+    if exe is not None:
+        sources += [Path(exe), Path(exe).parent.parent / "lib"]
+    if version_file is not None:
+        sources += [version_file, version_file.parent.parent]
+    return sources
 
 
 def probe(plan: Plan) -> dict[str, Any]:
