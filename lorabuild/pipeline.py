@@ -408,6 +408,7 @@ def run_spec(
 ) -> int:
     """`lorabuild run`: load, lock, run the gates; the exit code. SpecError propagates (exit 2)."""
     console = console or Console()
+    started_ns = time.time_ns()  # a change made while planning must keep the up-to-date record away
     ctx = build_context(spec_path, root=root, options=options, console=console)
     sigterm_as_interrupt()
     try:
@@ -419,9 +420,11 @@ def run_spec(
         )
         return EXIT_FAILED
     try:
-        taken = uptodate.snapshot(ctx)
+        taken = uptodate.snapshot(ctx, started_ns)
         uptodate.forget(ctx)
         result = run_pipeline(ctx, until=until)
+        if result.code == EXIT_OK and not result.executed and until is None:
+            _remember_up_to_date(ctx, taken)
     except (KeyboardInterrupt, Interrupted):
         console.fail("stopped. Run the same command again to continue where it stopped.")
         return EXIT_INTERRUPTED
@@ -431,13 +434,17 @@ def run_spec(
         finally:
             runlock.release(ctx.run.lock)
     if result.code == EXIT_OK and not result.executed:
-        from lorabuild.machine import CLOUD_TARGETS
-
-        if until is None and ctx.plan.compute.target not in CLOUD_TARGETS:
-            # not for a cloud GPU: its up-to-date run still makes sure nothing is left rented
-            uptodate.remember(ctx, taken)
         console.nothing_to_do()
     return result.code
+
+
+def _remember_up_to_date(ctx: GateContext, taken: uptodate.Snapshot) -> None:
+    """Leave the record the next run's shortcut answers from (still holding the run lock). Not
+    for a cloud GPU: its up-to-date run still makes sure that nothing is left rented."""
+    from lorabuild.machine import CLOUD_TARGETS
+
+    if ctx.plan.compute.target not in CLOUD_TARGETS:
+        uptodate.remember(ctx, taken)
 
 
 def _teardown_cloud(ctx: GateContext) -> None:

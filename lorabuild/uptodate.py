@@ -7,7 +7,9 @@ gate of a spec up to date, it leaves a record here of everything that answer res
 - the spec file and every file or folder the plan and the gates read (the dataset and its
   folder, the model, each gate's targets and file dependencies, its incomplete marker and
   failure record, the memory limits, the backend pid file, doit's database, the backend's
-  Python and its torch), each by its `stat` (size, times, inode) or by being absent;
+  Python and its torch, studio.json), each by its `stat` (size, times, inode; a symlink's own
+  too) or by being absent, and the spec's paths as written as well as where they lead;
+- the grimoire and the folder the run started in;
 - this machine's facts (as studio.json holds them: processors, memory, GPUs, driver);
 - lorabuild's own files, the Python running it and the packages installed beside it;
 - the environment variables (as a digest, and without any whose name says it holds a secret).
@@ -16,8 +18,9 @@ The next `run` of the same spec compares them, with `stat` only, and when nothin
 answers itself. The record never decides anything the pipeline did not: any difference, a
 missing or unreadable record, a record of another format, or a busy run folder sends the run
 down the full path, which is always right and writes a fresh record. The full path deletes the
-record before it runs doit, and a path changed less than a timestamp tick before the record was
-taken keeps the record from being written (its next change could leave the same `stat`).
+record before it runs doit, and writes it only when no watched path changed since it began to
+plan, less one timestamp tick (a change made while it planned, or within the tick, could leave a
+`stat` that the plan did not see).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterable
@@ -97,6 +101,10 @@ def shortcut(spec: Path, root: Path | None, until: str | None) -> Answer | None:
     try:
         if record["format"] != FORMAT or record["spec"] != str(spec_path):
             return None
+        # a copied grimoire holds a record of the original's files; `.` on PATH, a relative
+        # --root or `grimoire:` mean another folder reads other files
+        if record["grimoire"] != str(grimoire.resolve()) or record["cwd"] != os.getcwd():
+            return None
         gates = [(str(name), str(title)) for name, title in record["gates"]]
         lock = Path(record["lock"])
     except (KeyError, TypeError, ValueError):
@@ -137,12 +145,13 @@ def _unchanged(record: dict[str, Any]) -> bool:
 # --- what the full path leaves ------------------------------------------------------------------
 
 
-def snapshot(ctx: GateContext) -> Snapshot:
-    """Take the state of everything `ctx`'s gates rest on. Before doit runs: a change made while
-    it looks then shows as a difference next time."""
+def snapshot(ctx: GateContext, started_ns: int | None = None) -> Snapshot:
+    """Take the state of everything `ctx`'s gates rest on, before doit looks, so that a change
+    made while it looks shows as a difference next time. `started_ns`: when `ctx` began to be
+    built (the spec and the folders were read then); a path changed since keeps the record away."""
     from lorabuild.studio import machine_facts
 
-    taken = time.time_ns()
+    taken = time.time_ns() if started_ns is None else started_ns
     paths = {str(p): signature(p) for p in sorted(set(watched_paths(ctx)))}
     return Snapshot(taken, paths, machine_facts(ctx.machine), code_digest(), environment_digest())
 
@@ -165,6 +174,8 @@ def remember(ctx: GateContext, taken: Snapshot) -> bool:
             "format": FORMAT,
             "lorabuild": __version__,
             "spec": str(ctx.loaded.path),
+            "grimoire": str(ctx.run.root.resolve()),
+            "cwd": os.getcwd(),
             "lock": str(ctx.run.lock.resolve()),
             "gates": [[g, gates.module(g).TITLE] for g in gates.gates_for(ctx)],
             "environment": taken.environment,
@@ -181,9 +192,18 @@ def watched_paths(ctx: GateContext) -> list[Path]:
     from lorabuild import gates
     from lorabuild.gates.environment import stamp_sources
     from lorabuild.plan import venv_pythons
+    from lorabuild.studio import studio_paths
 
     run = ctx.run
-    paths: list[Path] = [ctx.loaded.path, run.doit_db, run.limits, run.backend_pid, ctx.dataset.folder]
+    paths: list[Path] = [ctx.loaded.path, run.limits, run.backend_pid, ctx.dataset.folder]
+    # doit's database, with its write-ahead log (a change may sit there while another run has it open)
+    paths += [run.doit_db, run.doit_db.with_name(run.doit_db.name + "-wal")]
+    # what every full run puts right when it is missing or stale
+    paths += list(studio_paths(run.root))
+    # the spec's paths as written, not only where they lead: a symlink switched to another folder
+    ref = ctx.loaded.spec
+    written = [ref.dataset.path, ref.base_model.path, ref.backend.path, ref.backend.python]
+    paths += [ctx.loaded.absolute(value) for value in written if value]
     for gate in gates.gates_for(ctx):
         mod = gates.module(gate)
         paths += [*mod.targets(ctx), *mod.file_deps(ctx), run.incomplete_marker(gate), run.failure_record(gate)]
@@ -195,19 +215,25 @@ def watched_paths(ctx: GateContext) -> list[Path]:
 
 
 def signature(path: Path) -> Signature:
-    """What `stat` says of `path` (following links), or None when nothing is there."""
+    """What `stat` says of `path` (following links) and, for a symlink, of the link itself (one
+    made anew to point elsewhere is another link); None when nothing is there."""
     try:
         st = os.stat(path)
+        link = os.lstat(path)
     except (OSError, ValueError):
         return None
-    return [st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    sig = [st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    if stat.S_ISLNK(link.st_mode):
+        sig += [link.st_ino, link.st_mtime_ns, link.st_ctime_ns]
+    return sig
 
 
 def _recent(sig: Signature, taken_ns: int) -> bool:
+    """A time in `sig` (modified, changed; the link's too) less than a tick before `taken_ns`."""
     if sig is None:
         return False
-    tick = COARSE_TICK_NS if sig[3] % 1_000_000_000 == 0 else FINE_TICK_NS
-    return taken_ns - max(sig[3], sig[4]) < tick
+    times = [sig[3], sig[4], *sig[6:8]]
+    return any(taken_ns - t < (COARSE_TICK_NS if t % 1_000_000_000 == 0 else FINE_TICK_NS) for t in times)
 
 
 # --- digests of what no path names --------------------------------------------------------------

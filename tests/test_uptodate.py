@@ -11,6 +11,7 @@ import builtins
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,7 +60,13 @@ def same_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def answer(project: Project, until: str | None = None) -> uptodate.Answer | None:
-    return uptodate.shortcut(project.root / "t.yaml", project.grimoire, until)
+    """The shortcut's answer, asked from the project's folder as its lorabuild runs are."""
+    old = Path.cwd()
+    os.chdir(project.root)
+    try:
+        return uptodate.shortcut(project.root / "t.yaml", project.grimoire, until)
+    finally:
+        os.chdir(old)
 
 
 @pytest.fixture
@@ -89,6 +96,7 @@ def test_an_up_to_date_run_answers_without_pydantic_or_doit_and_says_the_same(tr
     )
     assert "EXIT 0" in done.stdout and "LOADED []" in done.stdout, done.stdout + done.stderr
     assert done.stdout.split("EXIT")[0] == full.stdout  # word for word what the full path says
+    assert done.stderr == full.stderr == ""
     assert {p: p.stat().st_mtime_ns for p in (trained.run_dir()).rglob("*") if p.is_file()} == before
     # --until stops the list where the full path would
     shortened = answer(trained, until="environment")
@@ -295,17 +303,18 @@ def _traced(fn: Callable[[], Any]) -> set[tuple[str, Path]]:
 
 
 def _python_or_system(path: Path) -> bool:
+    """lorabuild's code and this Python's packages (code_digest), the Python, the system."""
     resolved = path.resolve()
-    lorabuild_code = (REPO / "lorabuild").resolve()
-    if resolved.is_relative_to(lorabuild_code) or "site-packages" in resolved.parts:
-        return True  # in code_digest
+    ours = [REPO / "lorabuild", *(Path(e) for e in sys.path if e.endswith(("site-packages", "dist-packages")))]
+    if any(resolved.is_relative_to(p.resolve()) for p in ours):
+        return True
     if any(resolved.is_relative_to(p) for p in PYTHON_PLACES):
         return True
     return any(path.is_relative_to(p) for p in SYSTEM_PLACES)
 
 
 def _covered(op: str, path: Path, watched: set[Path], state: Path, written: set[Path]) -> bool:
-    if _python_or_system(path) or path in watched or path.resolve() in watched:
+    if _python_or_system(path) or path in watched:
         return True
     if path in written or path.is_relative_to(state / "uptodate"):
         return True
@@ -329,9 +338,7 @@ def test_the_record_covers_every_path_the_full_path_reads(at_root: Project) -> N
     state = at_root.grimoire.resolve() / ".lorabuild"
     written_by_every_run = {
         state / "runs" / "t" / "lock",  # the run lock and its holder line
-        at_root.grimoire.resolve() / "studio.json",  # record_machine compares before writing
-        at_root.grimoire.resolve() / "studio.json.lock",
-        at_root.grimoire.resolve() / "studio.md",
+        at_root.grimoire.resolve() / "studio.json.lock",  # studio.json's own lock
     }
     unwatched = sorted(f"{op} {p}" for op, p in seen if not _covered(op, p, watched, state, written_by_every_run))
     assert unwatched == [], "\n".join(unwatched)
@@ -388,3 +395,84 @@ def test_the_record_covers_what_each_backend_plans_from(
     state = bare_project.grimoire.resolve() / ".lorabuild"
     unwatched = sorted(f"{op} {p}" for op, p in seen if not _covered(op, p, watched, state, set()))
     assert unwatched == [], "\n".join(unwatched)
+
+
+# --- the record's own rules, on plans that were never run (no training needed) ------------------
+
+
+def recorded(project: Project, spec: str = "t.yaml") -> None:
+    """Leave a record for `spec` as the full path would, and see the shortcut answer from it."""
+    time.sleep(2 * uptodate.FINE_TICK_NS / 1e9)  # what the test just made is older than a tick
+    started = time.time_ns()
+    ctx = build_context(project.root / spec, root=project.grimoire)
+    assert uptodate.remember(ctx, uptodate.snapshot(ctx, started))
+    assert uptodate.shortcut(project.root / spec, project.grimoire, None) is not None
+
+
+def test_a_symlink_switched_to_another_folder_turns_it_off(bare_project: Project) -> None:
+    first, second = bare_project.root / "d1", bare_project.root / "d2"
+    shutil.copytree(bare_project.dataset, first)
+    shutil.copytree(bare_project.dataset, second)
+    (second / "extra.png").write_bytes((second / "red-circle.png").read_bytes())
+    link = bare_project.root / "current"
+    link.symlink_to(first, target_is_directory=True)
+    bare_project.write_spec(dataset={"path": "current"})
+    recorded(bare_project)
+    link.unlink()
+    link.symlink_to(second, target_is_directory=True)
+    assert uptodate.shortcut(bare_project.root / "t.yaml", bare_project.grimoire, None) is None
+
+
+def test_a_venv_or_torch_appearing_for_the_backend_turns_it_off(bare_project: Project) -> None:
+    from tests.test_backend_kohya import kohya_spec, make_standin
+
+    checkout, python = make_standin(bare_project.root)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = checkout / "venv" / "lib" / version / "site-packages"
+    site.mkdir(parents=True)
+    kohya_spec(bare_project, "t", {"path": str(checkout)})  # its venv found by looking
+    spec = bare_project.root / "t.yaml"
+    recorded(bare_project)
+    other = checkout / ".venv" / "bin"
+    other.mkdir(parents=True)
+    (other / "python").symlink_to(sys.executable)
+    assert uptodate.shortcut(spec, bare_project.grimoire, None) is None
+    shutil.rmtree(checkout / ".venv")
+
+    kohya_spec(bare_project, "t", {"path": str(checkout), "python": str(python)})  # named in the spec
+    recorded(bare_project)
+    (site / "torch").mkdir()
+    (site / "torch" / "version.py").write_text("__version__ = '2.13.0'\ncuda = '12.8'\n")
+    assert uptodate.shortcut(spec, bare_project.grimoire, None) is None
+
+
+def test_a_copied_grimoire_or_another_folder_turns_it_off(
+    bare_project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare_project.write_spec()
+    spec = bare_project.root / "t.yaml"
+    recorded(bare_project)
+    copy = bare_project.root / "copy"
+    shutil.copytree(bare_project.grimoire, copy, symlinks=True)
+    assert uptodate.shortcut(spec, copy, None) is None  # its record names the original's files
+    assert uptodate.shortcut(spec, bare_project.grimoire, None) is not None
+    monkeypatch.chdir(bare_project.dataset)  # `.` on PATH, relative paths: another folder, other files
+    assert uptodate.shortcut(spec, bare_project.grimoire, None) is None
+
+
+def test_a_change_made_while_planning_keeps_the_record_away(bare_project: Project) -> None:
+    spec = bare_project.write_spec()
+    time.sleep(2 * uptodate.FINE_TICK_NS / 1e9)
+    started = time.time_ns()
+    ctx = build_context(spec, root=bare_project.grimoire)
+    spec.write_text(spec.read_text().replace("epochs: 2", "epochs: 3"))  # after the plan read it
+    time.sleep(2 * uptodate.FINE_TICK_NS / 1e9)
+    assert not uptodate.remember(ctx, uptodate.snapshot(ctx, started))
+    assert uptodate.shortcut(spec, bare_project.grimoire, None) is None
+
+
+def test_doit_state_waiting_in_its_write_ahead_log_turns_it_off(bare_project: Project) -> None:
+    bare_project.write_spec()
+    recorded(bare_project)
+    (bare_project.grimoire / ".lorabuild" / "doit.sqlite-wal").write_bytes(b"\0" * 32)
+    assert uptodate.shortcut(bare_project.root / "t.yaml", bare_project.grimoire, None) is None

@@ -128,7 +128,9 @@ def stamp_sources(ctx: GateContext) -> list[Path]:
         sources += [Path(d or ".") for d in os.environ.get("PATH", os.defpath).split(os.pathsep)]
     exe = shutil.which(python)
     if exe is not None:
-        sources += [Path(exe), Path(exe).parent.parent / "lib"]
+        prefix = Path(exe).parent.parent
+        # where torch would appear: a new python3.x folder, or torch put into one
+        sources += [Path(exe), prefix / "lib", *prefix.glob("lib/python3*/site-packages")]
     if version_file is not None:
         sources += [version_file, version_file.parent.parent]
     return sources
