@@ -6,7 +6,7 @@ grimoire/
   models/                        demo models created here
   training/{name}/               the run folder (DESIGN.md)
   .lorabuild/                    doit state, locks, incomplete markers, failures, backend pids,
-                                 pinned SSH host keys (known_hosts)
+                                 pinned SSH host keys (known_hosts), up-to-date records (uptodate.py)
 ```
 
 The spec name is a slug (checked by the spec), and every path is also checked to stay inside
@@ -40,20 +40,20 @@ def grimoire_path(spec_folder: Path, named: str | None, root: Path | None) -> Pa
 def grimoire_of(spec: Path, root: Path | None) -> Path | None:
     """`grimoire_path` for a spec file, read as plain YAML without validating it — cheap enough
     for every command, and None when the file cannot be read as a mapping."""
-    if root is not None:
-        return grimoire_path(spec, None, root)
-    import yaml
+    named = None
+    if root is None:
+        import yaml
 
-    try:
-        data = yaml.load(spec.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    named = data.get("grimoire")
-    if named is not None and not isinstance(named, str):
-        return None
-    return grimoire_path(spec.expanduser().resolve().parent, named, None)
+        try:
+            data = yaml.load(spec.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except (OSError, ValueError, yaml.YAMLError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        named = data.get("grimoire")
+        if named is not None and not isinstance(named, str):
+            return None
+    return grimoire_path(spec.expanduser().resolve().parent, named, root)
 
 
 class UnsafeName(ValueError):

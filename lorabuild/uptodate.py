@@ -30,7 +30,6 @@ import json
 import os
 import stat
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +102,7 @@ def shortcut(spec: Path, root: Path | None, until: str | None) -> Answer | None:
             return None
         # a copied grimoire holds a record of the original's files; `.` on PATH, a relative
         # --root or `grimoire:` mean another folder reads other files
-        if record["grimoire"] != str(grimoire.resolve()) or record["cwd"] != os.getcwd():
+        if record["grimoire"] != str(grimoire) or record["cwd"] != os.getcwd():
             return None
         gates = [(str(name), str(title)) for name, title in record["gates"]]
         lock = Path(record["lock"])
@@ -145,15 +144,14 @@ def _unchanged(record: dict[str, Any]) -> bool:
 # --- what the full path leaves ------------------------------------------------------------------
 
 
-def snapshot(ctx: GateContext, started_ns: int | None = None) -> Snapshot:
+def snapshot(ctx: GateContext, started_ns: int) -> Snapshot:
     """Take the state of everything `ctx`'s gates rest on, before doit looks, so that a change
     made while it looks shows as a difference next time. `started_ns`: when `ctx` began to be
     built (the spec and the folders were read then); a path changed since keeps the record away."""
     from lorabuild.studio import machine_facts
 
-    taken = time.time_ns() if started_ns is None else started_ns
     paths = {str(p): signature(p) for p in sorted(set(watched_paths(ctx)))}
-    return Snapshot(taken, paths, machine_facts(ctx.machine), code_digest(), environment_digest())
+    return Snapshot(started_ns, paths, machine_facts(ctx.machine), code_digest(), environment_digest())
 
 
 def forget(ctx: GateContext) -> None:

@@ -257,7 +257,7 @@ def test_a_record_of_another_format_or_a_broken_one_is_ignored(trained: Project)
 
 def test_a_path_changed_within_a_tick_keeps_the_record_from_being_written(at_root: Project) -> None:
     ctx = build_context("t.yaml", root=at_root.grimoire)
-    taken = uptodate.snapshot(ctx)
+    taken = uptodate.snapshot(ctx, time.time_ns())
     assert uptodate.remember(ctx, taken)
     late = replace(taken, paths={**taken.paths, "x": [0, 0, 0, taken.taken_ns - 1_000, 0]})
     assert not uptodate.remember(ctx, late)

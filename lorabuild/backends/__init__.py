@@ -303,17 +303,14 @@ def sample_pictures(plan: Plan, output_dir: Path) -> list[tuple[Path, str]]:
 
 def collect_samples(plan: Plan, output_dir: Path, samples: Path) -> int:
     """Copy the backend's new sample pictures into the run folder's samples/; how many."""
-    import shutil
+    from lorabuild.fsutil import atomic_write_bytes
 
     copied = 0
     for source, name in sample_pictures(plan, output_dir):
         target = samples / name
         if target.exists() and target.stat().st_size == source.stat().st_size:
             continue
-        samples.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{name}.tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        atomic_write_bytes(target, source.read_bytes())  # pictures: small
         copied += 1
     return copied
 
