@@ -713,8 +713,68 @@ def test_out_of_memory_classification() -> None:
     assert classify_exception(ValueError("out of memory")).kind == "internal"
 
 
+def test_out_of_memory_behind_another_error() -> None:
+    from lorabuild.trainer.events import classify_exception
+
+    # diffusers' load_state_dict: the read fails, it peeks at the file as text, and raises its own
+    def load_weights() -> None:
+        try:
+            raise RuntimeError("Error while loading: Cannot allocate memory (os error 12)")
+        except RuntimeError:
+            try:
+                b"\x80".decode()
+            except UnicodeDecodeError as peek:
+                raise OSError("Unable to load weights from checkpoint file for 'unet'") from peek
+
+    with pytest.raises(OSError) as caught:
+        load_weights()
+    error = classify_exception(caught.value)
+    assert error.kind == "oom"
+    assert error.detail.startswith("OSError: Unable to load weights") and "os error 12" in error.detail
+    try:
+        raise OSError("Unable to load weights") from UnicodeDecodeError("utf-8", b"\x80", 0, 1, "bad")
+    except OSError as unrelated:
+        assert classify_exception(unrelated).kind == "internal"
+
+
+def test_onednn_failure_is_out_of_memory_only_where_allocations_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resource
+
+    from lorabuild.trainer import events
+
+    created = RuntimeError("could not create a primitive")
+    executed = RuntimeError("could not execute a primitive")
+    unsupported = RuntimeError("could not create a primitive descriptor for a matmul primitive")
+    overcommit = tmp_path / "overcommit_memory"
+    monkeypatch.setattr(events, "OVERCOMMIT_SETTING", str(overcommit))
+    monkeypatch.setattr(events.sys, "platform", "linux")
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: unlimited)
+
+    # Linux's usual heuristic overcommit: memory runs out through the OOM killer, not this error
+    overcommit.write_text("0\n")
+    assert [events.classify_exception(e).kind for e in (created, executed, unsupported)] == ["internal"] * 3
+    # strict overcommit: allocations fail, and oneDNN words it this way
+    overcommit.write_text("2\n")
+    assert [events.classify_exception(e).kind for e in (created, executed, unsupported)] == ["oom", "oom", "internal"]
+    # an address-space limit (ulimit -v), as the test below sets
+    overcommit.write_text("0\n")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2**33, resource.RLIM_INFINITY))
+    assert events.classify_exception(created).kind == "oom"
+    overcommit.unlink()
+    assert events.allocations_can_fail()
+    monkeypatch.setattr(resource, "getrlimit", lambda which: unlimited)
+    assert not events.allocations_can_fail()
+    monkeypatch.setattr(events.sys, "platform", "win32")
+    assert events.classify_exception(created).kind == "oom"
+
+
 # Imports first, then a memory limit just above what they use: the model loads and the
-# dataset is encoded, but a 512 px, 16-image step does not fit.
+# dataset is encoded, but a 512 px, 16-image step does not fit. oneDNN stays on (unlike
+# LORABUILD_MEMORY_HEADROOM_MB's cap), so the failure comes either from torch's allocator or
+# as oneDNN's bare "could not create a primitive", depending on which allocation hits the limit.
 _OOM_WRAPPER = textwrap.dedent(
     """
     import resource, runpy, sys

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Final, TextIO
@@ -131,20 +133,71 @@ _OOM_MARKERS: Final = (
 )
 
 
+# oneDNN, which runs PyTorch's CPU convolutions, reports a failed allocation with nothing more
+# than these words. Its own bugs say the same, so they mean "out of memory" only where an
+# allocation can fail at all ("... primitive descriptor" is a shape it does not support).
+_ONEDNN_FAILURE: Final = re.compile(r"could not (?:create|execute) a primitive(?! descriptor)")
+OVERCOMMIT_SETTING: Final = "/proc/sys/vm/overcommit_memory"
+
+
+def allocations_can_fail() -> bool:
+    """Whether running out of memory reaches this process as a failed allocation.
+
+    True under an address-space limit (RLIMIT_AS, `ulimit -v`), with Linux's strict overcommit
+    (vm.overcommit_memory = 2) and on Windows, which commits every allocation. Otherwise Linux
+    hands out memory freely and its out-of-memory killer ends the process instead.
+    """
+    if sys.platform == "win32":
+        return True
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            return True
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        with open(OVERCOMMIT_SETTING, encoding="ascii") as setting:
+            return setting.read().strip() == "2"
+    except OSError:
+        return False
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True when `exc` means the process ran out of (device or host) memory.
 
-    A CPU process under RLIMIT_AS fails with MemoryError (Python allocations) or a
-    RuntimeError from torch's allocator; CUDA fails with torch.OutOfMemoryError, which is a
-    RuntimeError subclass whose message says "out of memory".
+    A CPU process under RLIMIT_AS fails with MemoryError (Python allocations), a RuntimeError
+    from torch's allocator, or oneDNN's bare "could not create a primitive"; CUDA fails with
+    torch.OutOfMemoryError, which is a RuntimeError subclass whose message says "out of memory".
+    The exceptions `exc` was raised from count too: diffusers turns a checkpoint that could not
+    be read for lack of memory into "Unable to load weights from checkpoint file".
     """
+    return out_of_memory_cause(exc) is not None
+
+
+def out_of_memory_cause(exc: BaseException) -> BaseException | None:
+    """The exception in `exc`'s chain (itself first) that says memory ran out, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if _says_out_of_memory(cause):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _says_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     if type(exc).__name__ == "OutOfMemoryError":
         return True
-    if isinstance(exc, RuntimeError | OSError):
+    if isinstance(exc, RuntimeError | OSError) or type(exc).__name__ == "SafetensorError":
         text = str(exc).lower()
-        return any(marker in text for marker in _OOM_MARKERS)
+        if any(marker in text for marker in _OOM_MARKERS):
+            return True
+        return bool(_ONEDNN_FAILURE.search(text)) and allocations_can_fail()
     return False
 
 
@@ -162,9 +215,12 @@ def classify_exception(exc: BaseException) -> TrainerError:
     if isinstance(exc, TrainerError):
         return exc
     detail = f"{type(exc).__name__}: {exc}".strip()
+    cause = out_of_memory_cause(exc)
+    if cause is not None and cause is not exc:
+        detail += f" (raised while handling {type(cause).__name__}: {cause})"
     if len(detail) > 2000:
         detail = detail[:2000] + "…"
-    if is_out_of_memory(exc):
+    if cause is not None:
         return TrainerError("oom", OOM_MESSAGE, detail)
     return TrainerError(
         "internal",

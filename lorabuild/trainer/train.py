@@ -51,8 +51,8 @@ def cap_memory(torch: Any) -> None:
         return
     import resource
 
-    # oneDNN reports a failed allocation as "could not create a primitive"; PyTorch's own kernels
-    # raise a plain out-of-memory error, which is what a capped run must report
+    # oneDNN reports a failed allocation only as "could not create a primitive"; PyTorch's own
+    # kernels name it, which keeps a capped run's message the same on every CPU
     torch.backends.mkldnn.enabled = False
     torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pools before the cap
     with open("/proc/self/status", encoding="ascii") as status:
