@@ -713,6 +713,37 @@ def test_out_of_memory_classification() -> None:
     assert classify_exception(ValueError("out of memory")).kind == "internal"
 
 
+# A convolution under an address-space cap at exactly the current size: on x86 CPUs oneDNN's
+# kernel generation is the first allocation to fail, worded only "could not create a primitive".
+_CONV_AT_THE_CAP = textwrap.dedent(
+    """
+    import json, resource, torch
+    from lorabuild.trainer.events import allocations_can_fail, classify_exception
+    x, w = torch.randn(4, 64, 96, 96), torch.randn(64, 64, 3, 3)
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    size = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size, resource.RLIM_INFINITY))
+    try:
+        torch.nn.functional.conv2d(x, w, padding=1)
+        print(json.dumps({"failed": False}))
+    except RuntimeError as exc:
+        print(json.dumps({"failed": True, "text": str(exc), "kind": classify_exception(exc).kind,
+                          "can_fail": allocations_can_fail()}))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
+def test_a_convolution_at_a_memory_cap_is_out_of_memory() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _CONV_AT_THE_CAP], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["failed"], "the cap left room for the convolution"
+    assert outcome["can_fail"] and outcome["kind"] == "oom", outcome["text"]
+
+
 def test_out_of_memory_behind_another_error() -> None:
     from lorabuild.trainer.events import classify_exception
 
