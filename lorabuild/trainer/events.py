@@ -193,7 +193,7 @@ def _says_out_of_memory(exc: BaseException) -> bool:
         return True
     if type(exc).__name__ == "OutOfMemoryError":
         return True
-    if isinstance(exc, RuntimeError | OSError) or type(exc).__name__ == "SafetensorError":
+    if isinstance(exc, RuntimeError | OSError):
         text = str(exc).lower()
         if any(marker in text for marker in _OOM_MARKERS):
             return True
